@@ -1,0 +1,11 @@
+"""The reference backend: :mod:`c2c_kernels.reference` behind the backend interface.
+
+Runs on any device; syncs with the host (boolean masks), so not CUDA-graph capturable.
+"""
+from ..reference import fuse, merge, project  # noqa: F401
+
+DEVICES = ("cpu", "cuda", "meta")
+
+
+def unavailable():
+    return None
