@@ -118,3 +118,58 @@ def with_padding(receiver_slots: torch.Tensor, sharer_slots: torch.Tensor, count
     rs[~pad], ss[~pad] = receiver_slots.cpu(), sharer_slots.cpu()
     dev = receiver_slots.device
     return rs.to(dev, slot_dtypes[0]), ss.to(dev, slot_dtypes[1])
+
+
+@dataclass
+class Case:
+    """Arguments of one ``c2c::fuse`` call plus what a test needs to judge it."""
+
+    receiver: Cache
+    sharer: Cache
+    receiver_caches: list[torch.Tensor]
+    sharer_caches: list[torch.Tensor]
+    receiver_slots: torch.Tensor
+    sharer_slots: torch.Tensor
+    weights: object  # FuserWeights
+    fusers: list[int]
+
+    def args(self):
+        return (self.receiver_caches, self.sharer_caches, self.receiver_slots, self.sharer_slots,
+                list(self.weights), self.fusers)
+
+    def clone_receiver(self) -> "Case":
+        """The same case on a deep copy of the receiver storage (views rebuilt on the copy)."""
+        import copy
+        return copy.deepcopy(self)
+
+
+def make_case(*, layout: str = "vllm_nhd", sharer_layout: str | None = None, layers: int = 2,
+              receiver_heads: int = 4, receiver_dim: int = 8, sharer_heads: int = 2, sharer_dim: int = 16,
+              seq_lens=(5, 3), sharer_seq_lens=None, page_size: int = 4, sharer_page_size: int | None = None,
+              hidden: int = 64, intermediate: int = 48, num_layers: int = 3, padding: int = 2,
+              align: bool = True, gates_open=True, slot_dtypes=(torch.int64, torch.int64),
+              dtype=torch.float32, device="cpu", seed: int = 0) -> Case:
+    """A small random case: ``layers`` receiver layers, K and V each (fusers 0 .. 2*layers-1)."""
+    receiver = make_cache(layout, layers, receiver_heads, receiver_dim, list(seq_lens), page_size=page_size,
+                          dtype=dtype, device=device, seed=seed)
+    sharer = make_cache(sharer_layout or layout, layers, sharer_heads, sharer_dim,
+                        list(sharer_seq_lens or seq_lens), page_size=sharer_page_size or page_size,
+                        dtype=dtype, device=device, seed=seed + 1)
+    sharer_slots = alignment_slots(receiver, sharer, seed=seed, shuffle=align)
+    receiver_slots, sharer_slots = with_padding(receiver.slots, sharer_slots, padding, seed=seed,
+                                                slot_dtypes=slot_dtypes)
+    from .weights import random_weights
+    weights = random_weights(2 * layers, sharer_heads, sharer_dim, receiver_heads, receiver_dim, hidden,
+                             intermediate, num_layers, dtype=dtype, device=device, seed=seed + 2,
+                             gates_open=gates_open)
+    receiver_caches = [view for kv in receiver.kv for view in kv]
+    sharer_caches = [view for kv in sharer.kv for view in kv]
+    return Case(receiver, sharer, receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights,
+                list(range(2 * layers)))
+
+
+# Tolerances of a backend against the fp32 reference, per cache dtype. Fused backends round the
+# hidden activations to the cache dtype between GEMMs (tensor cores and AMX take 16-bit
+# inputs): four GEMMs deep, each rounding at 2^-11 (fp16) or 2^-8 (bf16) relative, plus the
+# final rounding of the cache row itself.
+TOLERANCES = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}

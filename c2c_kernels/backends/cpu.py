@@ -2,15 +2,25 @@
 ATen GEMMs, multi-threaded. Needs the compiled extension ``c2c_kernels._C``."""
 from __future__ import annotations
 
+import torch
+
+from .. import _native
+
 DEVICES = ("cpu",)
 
 
 def unavailable():
-    from .. import _native
     return _native.unavailable()
 
 
 def fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers):
-    import torch
-    torch.ops.c2c_native.fuse_cpu(receiver_caches, sharer_caches, receiver_slots, sharer_slots,
-                                  list(weights), fusers)
+    torch.ops.c2c_native.fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, list(weights), fusers)
+
+
+def project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers):
+    return torch.ops.c2c_native.project(receiver_caches, sharer_caches, receiver_slots, sharer_slots,
+                                        list(weights), fusers)
+
+
+def merge(receiver_caches, receiver_slots, projections, head_scales):
+    torch.ops.c2c_native.merge(receiver_caches, receiver_slots, projections, head_scales)

@@ -1,0 +1,25 @@
+// CPU kernels of the fuser: gather through slots, fused norm/GELU/residual around ATen GEMMs,
+// and the gated merge back into the cache.
+#pragma once
+
+#include <torch/types.h>
+
+#include <tuple>
+#include <vector>
+
+namespace c2c::cpu {
+
+void fuse(const std::vector<at::Tensor>& receiver_caches, const std::vector<at::Tensor>& sharer_caches,
+          const at::Tensor& receiver_slots, const at::Tensor& sharer_slots,
+          const std::vector<at::Tensor>& weights, const std::vector<int64_t>& fusers);
+
+std::tuple<at::Tensor, at::Tensor> project(const std::vector<at::Tensor>& receiver_caches,
+                                           const std::vector<at::Tensor>& sharer_caches,
+                                           const at::Tensor& receiver_slots, const at::Tensor& sharer_slots,
+                                           const std::vector<at::Tensor>& weights,
+                                           const std::vector<int64_t>& fusers);
+
+void merge(const std::vector<at::Tensor>& receiver_caches, const at::Tensor& receiver_slots,
+           const std::vector<at::Tensor>& projections, const std::vector<at::Tensor>& head_scales);
+
+}  // namespace c2c::cpu
