@@ -173,3 +173,53 @@ def make_case(*, layout: str = "vllm_nhd", sharer_layout: str | None = None, lay
 # inputs): four GEMMs deep, each rounding at 2^-11 (fp16) or 2^-8 (bf16) relative, plus the
 # final rounding of the cache row itself.
 TOLERANCES = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def random_published_state(args: dict, *, seed: int = 0, gate_logits=(1.0, 1.0)) -> dict:
+    """A state dict in the published ``C2CProjector`` format with random weights (both sides)."""
+    g = torch.Generator().manual_seed(seed)
+    ks = args["source_dim"] * args["source_num_heads"]
+    kt = args["target_dim"] * args["target_num_heads"]
+    h, i, n, ht = args["hidden_dim"], args["intermediate_dim"], args["num_layers"], args["target_num_heads"]
+
+    def lin(out_f, in_f):
+        return torch.randn(out_f, in_f, generator=g) / in_f ** 0.5
+
+    def vec(size, mean=0.0):
+        return mean + 0.1 * torch.randn(size, generator=g)
+
+    state = {}
+    for side, gate in zip(("key", "value"), gate_logits):
+        state[f"{side}_in.weight"], state[f"{side}_in.bias"] = lin(h, ks + kt), vec(h)
+        blocks = [(f"{side}_mlp1.blocks.0", i), (f"{side}_scalar_mlp2.blocks.0", h)]
+        blocks += [(f"{side}_proj_mlp2.blocks.{b}", i) for b in range(n - 2)]
+        for prefix, inner in blocks:
+            state[f"{prefix}.norm.weight"] = vec(h, 1.0)
+            state[f"{prefix}.w1.weight"], state[f"{prefix}.w2.weight"] = lin(inner, h), lin(h, inner) * 0.5
+        state[f"{side}_scalar_head.weight"], state[f"{side}_scalar_head.bias"] = lin(ht, h), vec(ht)
+        state[f"{side}_proj_out.weight"], state[f"{side}_proj_out.bias"] = lin(kt, h) * 0.5, vec(kt)
+        state[f"{side}_gate_logit"] = torch.tensor(float(gate))
+    state["gate_temperature"] = torch.tensor(1.0)
+    return state
+
+
+def write_published_checkpoint(directory: str, args: dict, layer_map: dict[int, int], *, seed: int = 0,
+                               gate_logits=None) -> None:
+    """A checkpoint directory in the published format: one projector per mapped receiver layer."""
+    import json
+    import os
+    os.makedirs(directory, exist_ok=True)
+    for p, _ in enumerate(sorted(layer_map)):
+        with open(os.path.join(directory, f"projector_{p}.json"), "w") as f:
+            json.dump({"class": "C2CProjector", "init_args": args}, f)
+        gates = gate_logits[p] if gate_logits is not None else (1.0, 1.0)
+        torch.save(random_published_state(args, seed=seed + p, gate_logits=gates),
+                   os.path.join(directory, f"projector_{p}.pt"))
+    mapping = {"0": {"1": {str(layer): [[layer_map[layer], p]] for p, layer in enumerate(sorted(layer_map))}}}
+    with open(os.path.join(directory, "projector_config.json"), "w") as f:
+        json.dump(mapping, f)
+
+
+SMALL_ARGS = {"source_dim": 16, "target_dim": 8, "source_num_heads": 2, "target_num_heads": 4,
+              "hidden_dim": 64, "intermediate_dim": 48, "num_layers": 3, "dropout": 0.1,
+              "initial_temperature": 1.0, "final_temperature": 0.001}
