@@ -48,7 +48,9 @@ def check_weights(weights: Sequence[Tensor]) -> FuserWeights:
     nb, i = w.ffn_w1.shape[1], w.ffn_w1.shape[2]
     if w.w_head.dim() != 3:
         _fail(f"weights.w_head: expected [fusers, receiver_heads, hidden], got {list(w.w_head.shape)}")
-    ht, kt = w.w_head.shape[1], w.w_out.shape[1] if w.w_out.dim() == 3 else -1
+    if w.w_in_receiver.dim() != 3:
+        _fail(f"weights.w_in_receiver: expected [fusers, hidden, receiver_width], got {list(w.w_in_receiver.shape)}")
+    ht, kt = w.w_head.shape[1], w.w_in_receiver.shape[2]
     expected = FuserWeights(
         (p, h, ks), (p, h, kt), (p, h), (p, nb, h), (p, nb, i, h), (p, nb, h, i), (p, h), (p, h, h),
         (p, h, h), (p, ht, h), (p, ht), (p, kt, h), (p, kt), (p,))
