@@ -97,20 +97,29 @@ def _check_slots(name: str, slots: Tensor, device) -> None:
         _fail(f"{name}: on {slots.device}, expected {device} (the caches' device)")
 
 
-def _same_geometry(name: str, views: Sequence[Tensor]) -> None:
-    for i, v in enumerate(views[1:], 1):
-        if v.shape != views[0].shape:
-            _fail(f"{name}[{i}]: shape {list(v.shape)} differs from {name}[0] {list(views[0].shape)}; "
+def _check_views(name: str, views: Sequence[Tensor], dtype, device, heads: int | None, width: int) -> None:
+    """Every view checked; entry 0 in detail, the others by a cheap comparison with it (this
+    runs per call on lists of up to ~100 views, so it is kept to a few attribute reads each)."""
+    if not views:
+        return
+    _check_view(f"{name}[0]", views[0], dtype, device, heads, width)
+    shape = views[0].shape
+    for i, v in enumerate(views):
+        if not (isinstance(v, Tensor) and v.shape == shape and v.dtype == dtype
+                and v.device == device and (v.stride(3) == 1 or shape[3] == 1)):
+            _check_view(f"{name}[{i}]", v, dtype, device, heads, width)
+            _fail(f"{name}[{i}]: shape {list(v.shape)} differs from {name}[0] {list(shape)}; "
                   f"one slot tensor addresses every entry, so all must share one pool geometry")
 
 
 def _check_distinct(name: str, views: Sequence[Tensor]) -> None:
-    seen = {}
-    for i, v in enumerate(views):
-        key = (v.data_ptr(), v.stride())
-        if key in seen:
-            _fail(f"{name}[{i}] is the same view as {name}[{seen[key]}]; each entry must write its own rows")
-        seen[key] = i
+    keys = [(v.data_ptr(), v.stride()) for v in views]
+    if len(set(keys)) == len(keys):
+        return
+    for i, key in enumerate(keys):
+        first = keys.index(key)
+        if first != i:
+            _fail(f"{name}[{i}] is the same view as {name}[{first}]; each entry must write its own rows")
 
 
 def check_slot_ranges(receiver_caches, sharer_caches, receiver_slots, sharer_slots) -> None:
@@ -144,14 +153,12 @@ def check_fuse_args(receiver_caches, sharer_caches, receiver_slots, sharer_slots
     if len(sharer_caches) != r or len(fusers) != r:
         _fail(f"receiver_caches, sharer_caches and fusers must have one entry per fused cache: got "
               f"{r}, {len(sharer_caches)} and {len(fusers)}")
-    for i, f in enumerate(fusers):
-        if not 0 <= f < w.num_fusers:
-            _fail(f"fusers[{i}] = {f} is out of range: the weights stack {w.num_fusers} fusers")
-    for i, (rc, sc) in enumerate(zip(receiver_caches, sharer_caches)):
-        _check_view(f"receiver_caches[{i}]", rc, w.dtype, w.device, w.receiver_heads, w.receiver_width)
-        _check_view(f"sharer_caches[{i}]", sc, w.dtype, w.device, None, w.sharer_width)
-    _same_geometry("receiver_caches", receiver_caches)
-    _same_geometry("sharer_caches", sharer_caches)
+    p = w.num_fusers
+    if fusers and not (0 <= min(fusers) and max(fusers) < p):
+        i, f = next((i, f) for i, f in enumerate(fusers) if not 0 <= f < p)
+        _fail(f"fusers[{i}] = {f} is out of range: the weights stack {p} fusers")
+    _check_views("receiver_caches", receiver_caches, w.dtype, w.device, w.receiver_heads, w.receiver_width)
+    _check_views("sharer_caches", sharer_caches, w.dtype, w.device, None, w.sharer_width)
     _check_slots("receiver_slots", receiver_slots, w.device)
     _check_slots("sharer_slots", sharer_slots, w.device)
     if sharer_slots.shape[0] != receiver_slots.shape[0]:
@@ -177,9 +184,7 @@ def check_merge_args(receiver_caches, receiver_slots, projections, head_scales, 
     ht, dt = rc0.shape[2], rc0.shape[3]
     if rc0.dtype not in CACHE_DTYPES:
         _fail(f"receiver_caches[0]: dtype {rc0.dtype} is not supported (expected one of {list(CACHE_DTYPES)})")
-    for i, rc in enumerate(receiver_caches):
-        _check_view(f"receiver_caches[{i}]", rc, rc0.dtype, rc0.device, ht, ht * dt)
-    _same_geometry("receiver_caches", receiver_caches)
+    _check_views("receiver_caches", receiver_caches, rc0.dtype, rc0.device, ht, ht * dt)
     _check_slots("receiver_slots", receiver_slots, rc0.device)
     t = receiver_slots.shape[0]
     for i, (p, a) in enumerate(zip(projections, head_scales)):
