@@ -1,0 +1,52 @@
+"""The Triton backend: the whole fuser forward in ``2 * num_blocks + 4`` launches per call.
+
+Every entry of a call (K and V of every layer) goes through each stage in the same launch: the
+weights are stacked over fusers and each program looks its fuser up in a small per-call device
+table, which also carries each entry's cache addresses and strides (tables.py). The first stage
+gathers the rows from the caches through the slots; the last one merges into them in place
+(pipeline.py has the stage list). No host synchronisation anywhere, so a call (after one eager
+warm-up with the same caches) can be captured in a CUDA graph.
+
+Runs on CUDA tensors, and on CPU tensors in the Triton interpreter (``TRITON_INTERPRET=1`` set
+before import), which is how it is tested without a GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+    _error = None
+except ImportError as e:  # the other backends still work
+    _error = f"triton cannot be imported ({e})"
+
+# The interpreter dereferences the tables' addresses on the host: CPU tensors only there.
+DEVICES = ("cpu",) if os.environ.get("TRITON_INTERPRET", "0") == "1" else ("cuda",)
+
+
+def unavailable():
+    return _error
+
+
+def fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers):
+    from . import pipeline
+    pipeline.run(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers)
+
+
+def project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers):
+    entries, tokens = len(fusers), receiver_slots.shape[0]
+    device = receiver_slots.device
+    projection = torch.empty(entries, tokens, weights.receiver_width, dtype=torch.float32, device=device)
+    head_scale = torch.empty(entries, tokens, weights.receiver_heads, dtype=torch.float32, device=device)
+    if entries and tokens:
+        from . import pipeline
+        pipeline.run(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
+                     projection=projection, head_scale=head_scale)
+    return projection, head_scale
+
+
+def merge(receiver_caches, receiver_slots, projections, head_scales):
+    from . import pipeline
+    pipeline.merge(receiver_caches, receiver_slots, projections, head_scales)

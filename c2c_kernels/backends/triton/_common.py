@@ -1,0 +1,92 @@
+"""Helpers every Triton stage shares: the program -> tile mapping, the slot -> row addressing of
+a cache view, the entry table layout, exact GELU, and the dtype choices made on the host."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Set by the test suite on machines without a GPU; read once, before any kernel is defined.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+# Row layout of the per-call entry table (int64, one row per fused cache entry, see tables.py):
+# the fuser index, then (base address, page stride, entry stride, head stride) of the receiver
+# view and of the sharer view. Strides are in elements.
+ENTRY_FUSER = 0
+ENTRY_RECEIVER = 1
+ENTRY_SHARER = 5
+ENTRY_WIDTH = 9
+
+RMS_EPS = 1e-6
+
+
+def dot_dtype(dtype: torch.dtype):
+    """The dtype tiles are fed to ``tl.dot`` in. bf16 dots (and bf16 arithmetic) are broken in
+    the interpreter (triton issue 11584), so there bf16 tiles are widened to fp32 after loading."""
+    if INTERPRET and dtype == torch.bfloat16:
+        return tl.float32
+    return TL_DTYPES[dtype]
+
+
+@triton.jit
+def tile_coords(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(entry, m tile, n tile) of program ``pid``: entry-major, so one entry's weights stay in
+    L2 while its tiles run, then groups of GROUP_M row tiles sweep the column tiles."""
+    tiles = num_m * num_n
+    entry = pid // tiles
+    local = pid % tiles
+    group = GROUP_M * num_n
+    first_m = (local // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    tile_m = first_m + (local % group) % size_m
+    tile_n = (local % group) // size_m
+    return entry, tile_m, tile_n
+
+
+@triton.jit
+def load_view(table_ptr, at, DTYPE: tl.constexpr, VEC: tl.constexpr):
+    """Base pointer and (page, entry, head) strides of the cache view stored at ``table_ptr[at]``."""
+    base = tl.load(table_ptr + at).to(tl.pointer_type(DTYPE))
+    if VEC > 1:
+        base = tl.multiple_of(base, 16)
+    return base, tl.load(table_ptr + at + 1), tl.load(table_ptr + at + 2), tl.load(table_ptr + at + 3)
+
+
+@triton.jit
+def slot_rows(slots, page_size, stride_page, stride_entry, VEC: tl.constexpr):
+    """Element offset of each slot's row: page ``slot // page_size``, entry ``slot % page_size``.
+    VEC > 1 promises every offset is a multiple of VEC (checked on the host) so loads vectorize."""
+    rows = (slots // page_size) * stride_page + (slots % page_size) * stride_entry
+    if VEC > 1:
+        rows = tl.multiple_of(rows, VEC)
+    return rows
+
+
+@triton.jit
+def head_columns(cols, head_dim, stride_head, VEC: tl.constexpr):
+    """Element offset of flattened column ``head * head_dim + dim`` inside one token's row."""
+    offsets = (cols // head_dim) * stride_head + cols % head_dim
+    if VEC > 1:
+        offsets = tl.max_contiguous(tl.multiple_of(offsets, VEC), VEC)
+    return offsets
+
+
+@triton.jit
+def gelu_erf(x):
+    """Exact GELU, ``x * Phi(x)``, in fp32."""
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def mma(a, b, acc, DOT_DTYPE: tl.constexpr):
+    """``acc + a @ b`` with both tiles in DOT_DTYPE; fp32 tiles are multiplied in full fp32
+    (not tf32: fp32 caches are the accuracy reference)."""
+    if DOT_DTYPE == tl.float32:
+        out = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc)
+    return out

@@ -1,0 +1,97 @@
+"""FFN second half: ``z' = z + W_2 h``, the residual added in the epilogue.
+
+On the weight branch the FFN's output ``w`` is only ever multiplied by ``W_head`` (one logit per
+receiver head), so that variant (HEAD_LOGITS) never stores ``w``: each program multiplies its
+finished ``[BM, BN]`` tile by the matching ``BN`` columns of ``W_head`` and stores the partial
+logits ``[BM, heads]`` of its column tile. The output stage adds the ``hidden / BN`` partials
+(fixed order: deterministic, no atomics) and the bias. For that the column tile of this variant
+is fixed (``configs.LOGIT_BN``), the other tile sizes are tuned.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import configs
+from ._common import ENTRY_FUSER, ENTRY_WIDTH, mma, tile_coords
+
+
+@triton.jit
+def ffn_down_kernel(
+    table_ptr, h_ptr, w_ptr, residual_ptr, out_ptr, head_w_ptr, logits_ptr,
+    tokens, width, k_in, heads, stride_w_f, stride_w_n, stride_w_k,
+    stride_hw_f, stride_hw_h, stride_hw_k,
+    m_bucket,  # autotuning key only
+    DOT_DTYPE: tl.constexpr, HEAD_LOGITS: tl.constexpr, HEADS_PAD: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    num_n = tl.cdiv(width, BN)
+    entry, tile_m, tile_n = tile_coords(tl.program_id(0), tl.cdiv(tokens, BM), num_n, GROUP_M)
+    fuser = tl.load(table_ptr + entry * ENTRY_WIDTH + ENTRY_FUSER)
+    tok = tile_m * BM + tl.arange(0, BM)
+    cols = tile_n * BN + tl.arange(0, BN)
+    tok_mask, col_mask = tok < tokens, cols < width
+    row = (entry * tokens + tok).to(tl.int64)
+    h_rows = h_ptr + row[:, None] * k_in
+    w = w_ptr + fuser * stride_w_f + cols[None, :] * stride_w_n
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, k_in, BK):
+        k = k0 + tl.arange(0, BK)
+        k_mask = k < k_in
+        a = tl.load(h_rows + k[None, :], mask=tok_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w + k[:, None] * stride_w_k, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = mma(a, b, acc, DOT_DTYPE)
+
+    tile_mask = tok_mask[:, None] & col_mask[None, :]
+    offsets = row[:, None] * width + cols[None, :]
+    acc += tl.load(residual_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    if HEAD_LOGITS:
+        head = tl.arange(0, HEADS_PAD)
+        head_mask = head < heads
+        w_head = tl.load(head_w_ptr + fuser * stride_hw_f + head[None, :] * stride_hw_h + cols[:, None] * stride_hw_k,
+                         mask=col_mask[:, None] & head_mask[None, :], other=0.0)
+        # Round w to the activation dtype first, as every other stage input is.
+        w_tile = acc.to(out_ptr.dtype.element_ty)
+        partial = mma(w_tile, w_head, tl.zeros((BM, HEADS_PAD), dtype=tl.float32), DOT_DTYPE)
+        logits = logits_ptr + ((entry * num_n + tile_n) * tokens + tok).to(tl.int64)[:, None] * heads + head[None, :]
+        tl.store(logits, partial, mask=tok_mask[:, None] & head_mask[None, :])
+    else:
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+
+
+# Grid: one program per (entry, token tile, output tile), entry-major; tiles from the autotuner
+# (the logits variant with its column tile pinned to LOGIT_BN).
+_key = ["m_bucket", "width", "k_in"]
+_prune = {"early_config_prune": configs.prune}
+_tuned = triton.autotune(configs.configs(), key=_key, prune_configs_by=_prune)(ffn_down_kernel)
+_tuned_logits = triton.autotune(configs.configs(configs.LOGIT_BN), key=_key, prune_configs_by=_prune)(ffn_down_kernel)
+
+
+def heads_pad(heads: int) -> int:
+    return max(16, triton.next_power_of_2(heads))  # tl.dot needs 16 columns
+
+
+def launch(table, h, w, residual, out, *, dot_dtype):
+    """``out[e] = residual[e] + h[e] @ w[f]^T``; ``h [R, T, K]``, ``residual``/``out [R, T, N]``."""
+    entries, tokens, width = out.shape
+
+    def grid(meta):
+        return (entries * triton.cdiv(tokens, meta["BM"]) * triton.cdiv(width, meta["BN"]),)
+
+    _tuned[grid](table, h, w, residual, out, w, out, tokens, width, h.shape[2], 0, *w.stride(), 0, 0, 0,
+                 configs.token_bucket(tokens), DOT_DTYPE=dot_dtype, HEAD_LOGITS=False, HEADS_PAD=16)
+
+
+def launch_head_logits(table, h, w, residual, w_head, logits, *, dot_dtype):
+    """``logits[e, c] = (residual[e] + h[e] @ w[f]^T)[:, tile c] @ w_head[f][:, tile c]^T`` per
+    column tile ``c`` of LOGIT_BN; ``logits [R, hidden / LOGIT_BN, T, heads]`` fp32."""
+    entries, chunks, tokens, heads = logits.shape
+    width = residual.shape[2]
+
+    def grid(meta):
+        return (entries * triton.cdiv(tokens, meta["BM"]) * chunks,)
+
+    _tuned_logits[grid](table, h, w, residual, residual, w_head, logits, tokens, width, h.shape[2], heads,
+                        *w.stride(), *w_head.stride(), configs.token_bucket(tokens), DOT_DTYPE=dot_dtype,
+                        HEAD_LOGITS=True, HEADS_PAD=heads_pad(heads))

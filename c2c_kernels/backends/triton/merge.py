@@ -1,0 +1,52 @@
+"""``c2c::merge``: ``x += sum_j head_scale_j * projection_j`` per head, at the receiver slots.
+
+Elementwise: each program reads a ``[BM tokens, BN columns]`` tile of one entry's receiver rows
+once, adds the ``S`` contributions in order in fp32, and stores the tile once in the cache dtype
+(one rounding, as the reference). The receiver views and the ``R * S`` projection and head-scale
+tensors are reached through device tables (tables.py); padding tokens are skipped.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import configs
+from ._common import head_columns, load_view, slot_rows
+
+
+@triton.jit
+def merge_kernel(
+    receiver_table_ptr, contribution_table_ptr, receiver_slots_ptr,
+    tokens, width, head_dim, page_size, sharers,
+    CACHE_DTYPE: tl.constexpr, VEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):
+    entry = tl.program_id(2)
+    tok = tl.program_id(1) * BM + tl.arange(0, BM)
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    col_mask = cols < width
+    slot = tl.load(receiver_slots_ptr + tok, mask=tok < tokens, other=-1).to(tl.int64)
+    mask = (slot >= 0)[:, None] & col_mask[None, :]
+    base, r_page, r_entry, r_head = load_view(receiver_table_ptr, entry * 4, CACHE_DTYPE, VEC)
+    x_ptrs = base + slot_rows(slot, page_size, r_page, r_entry, VEC)[:, None] + head_columns(cols, head_dim, r_head, VEC)[None, :]
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    col_head = cols // head_dim
+    tok64 = tok.to(tl.int64)
+    for j in range(sharers):
+        part = contribution_table_ptr + (entry * sharers + j) * 6
+        projection = tl.load(part).to(tl.pointer_type(tl.float32))
+        scale = tl.load(part + 3).to(tl.pointer_type(tl.float32))
+        y = tl.load(projection + tok64[:, None] * tl.load(part + 1) + cols[None, :] * tl.load(part + 2), mask=mask, other=0.0)
+        a = tl.load(scale + tok64[:, None] * tl.load(part + 4) + col_head[None, :] * tl.load(part + 5), mask=mask, other=0.0)
+        x += a * y
+    tl.store(x_ptrs, x.to(CACHE_DTYPE), mask=mask)
+
+
+def launch(receiver_table, contribution_table, receiver_slots, receiver_view, sharers, *, cache_dtype, vec):
+    # Grid: (column tiles, token tiles, entries) of MERGE_BLOCK; memory-bound, nothing to tune.
+    entries = receiver_table.shape[0]
+    tokens, width = receiver_slots.shape[0], receiver_view.shape[2] * receiver_view.shape[3]
+    bm, bn = configs.MERGE_BLOCK
+    grid = (triton.cdiv(width, bn), triton.cdiv(tokens, bm), entries)
+    merge_kernel[grid](receiver_table, contribution_table, receiver_slots, tokens, width,
+                       receiver_view.shape[3], receiver_view.shape[1], sharers,
+                       CACHE_DTYPE=cache_dtype, VEC=vec, BM=bm, BN=bn, num_warps=4)

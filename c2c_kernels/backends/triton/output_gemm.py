@@ -1,0 +1,116 @@
+"""Last stage: ``y = W_out p + b_out``, and in its epilogue the merge into the receiver cache.
+
+With WRITE_CACHE each program finishes a ``[BM tokens, BN columns]`` tile of ``y``, sums the
+head logits of its tokens (the bias plus the weight branch's per-column-tile partials, see
+ffn_down.py) for the head of each column, and stores ``x + G * sigmoid(a[head]) * y`` over the
+receiver rows ``x`` at the tokens' slots, in place, in the cache dtype. A closed gate stores
+nothing, so its cache stays bit-identical; padding tokens are neither read nor written. Every
+row is read before it is written by the same program, and no other program touches it, so all
+entries see the receiver rows as they were when the call began (stage 1 read them anyway).
+
+Without WRITE_CACHE (``c2c::project``) the tile of ``y`` goes to the fp32 projection output,
+and the first column tile of each token block also stores ``head_scale = G * sigmoid(a)``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import configs
+from ._common import ENTRY_FUSER, ENTRY_RECEIVER, ENTRY_WIDTH, head_columns, load_view, mma, slot_rows, tile_coords
+
+
+@triton.jit
+def _head_logits(logits_ptr, head_bias, entry, tok, head, mask, tokens, heads, logit_chunks):
+    """``b_head[head] + sum_c partial[entry, c, tok, head]``; ``head`` is a full 2-D (tok, head) grid."""
+    logit = tl.load(head_bias, mask=mask, other=0.0).to(tl.float32)
+    for c in range(logit_chunks):
+        at = ((entry * logit_chunks + c) * tokens + tok).to(tl.int64)[:, None] * heads + head
+        logit += tl.load(logits_ptr + at, mask=mask, other=0.0)
+    return logit
+
+
+@triton.jit
+def output_gemm_kernel(
+    table_ptr, receiver_slots_ptr, p_ptr, w_ptr, bias_ptr, logits_ptr, head_bias_ptr, gate_ptr,
+    projection_ptr, head_scale_ptr,
+    tokens, width, k_in, heads, head_dim, page_size, logit_chunks,
+    stride_w_f, stride_w_n, stride_w_k, stride_bias_f, stride_bias_n, stride_hb_f, stride_hb_h,
+    m_bucket,  # autotuning key only
+    WRITE_CACHE: tl.constexpr, CACHE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, VEC: tl.constexpr,
+    HEADS_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    entry, tile_m, tile_n = tile_coords(tl.program_id(0), tl.cdiv(tokens, BM), tl.cdiv(width, BN), GROUP_M)
+    entry_row = table_ptr + entry * ENTRY_WIDTH
+    fuser = tl.load(entry_row + ENTRY_FUSER)
+    tok = tile_m * BM + tl.arange(0, BM)
+    cols = tile_n * BN + tl.arange(0, BN)
+    tok_mask, col_mask = tok < tokens, cols < width
+    p_rows = p_ptr + (entry * tokens + tok).to(tl.int64)[:, None] * k_in
+    w = w_ptr + fuser * stride_w_f + cols[None, :] * stride_w_n
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, k_in, BK):
+        k = k0 + tl.arange(0, BK)
+        k_mask = k < k_in
+        a = tl.load(p_rows + k[None, :], mask=tok_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w + k[:, None] * stride_w_k, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = mma(a, b, acc, DOT_DTYPE)
+    acc += tl.load(bias_ptr + fuser * stride_bias_f + cols * stride_bias_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+
+    # One copy of the gate per token row (the interpreter cannot AND a scalar into a block mask).
+    gate_open = tl.load(gate_ptr + fuser + tl.zeros((BM,), dtype=tl.int64)) > 0
+    head_bias = head_bias_ptr + fuser * stride_hb_f
+    if WRITE_CACHE:
+        col_head = tl.broadcast_to((cols // head_dim)[None, :], (BM, BN))
+        logit = _head_logits(logits_ptr, head_bias + col_head * stride_hb_h, entry, tok, col_head,
+                             tok_mask[:, None] & col_mask[None, :], tokens, heads, logit_chunks)
+        slot = tl.load(receiver_slots_ptr + tok, mask=tok_mask, other=-1).to(tl.int64)
+        base, r_page, r_entry, r_head = load_view(entry_row, ENTRY_RECEIVER, CACHE_DTYPE, VEC)
+        rows = slot_rows(slot, page_size, r_page, r_entry, VEC)
+        x_ptrs = base + rows[:, None] + head_columns(cols, head_dim, r_head, VEC)[None, :]
+        write = ((slot >= 0) & gate_open)[:, None] & col_mask[None, :]
+        x = tl.load(x_ptrs, mask=write, other=0.0).to(tl.float32)
+        tl.store(x_ptrs, (x + tl.sigmoid(logit) * acc).to(CACHE_DTYPE), mask=write)
+    else:
+        out = projection_ptr + (entry * tokens + tok).to(tl.int64)[:, None] * width + cols[None, :]
+        tl.store(out, acc, mask=tok_mask[:, None] & col_mask[None, :])
+        if tile_n == 0:
+            head = tl.broadcast_to(tl.arange(0, HEADS_PAD)[None, :], (BM, HEADS_PAD))
+            mask = tok_mask[:, None] & (head < heads)
+            logit = _head_logits(logits_ptr, head_bias + head * stride_hb_h, entry, tok, head, mask,
+                                 tokens, heads, logit_chunks)
+            scale = tl.where(gate_open[:, None], tl.sigmoid(logit), 0.0)
+            tl.store(head_scale_ptr + (entry * tokens + tok).to(tl.int64)[:, None] * heads + head, scale, mask=mask)
+
+
+# Grid: one program per (entry, token tile, output-column tile), entry-major. The projection
+# variant is autotuned; the in-place variant takes configs.fixed (benchmarking it would apply
+# the update once per timed run).
+_tuned = triton.autotune(configs.configs(), key=["m_bucket", "width", "k_in"],
+                         prune_configs_by={"early_config_prune": configs.prune})(output_gemm_kernel)
+
+
+def launch(table, receiver_slots, receiver_view, p, weights, logits, *, cache_dtype, dot_dtype, vec,
+           projection=None, head_scale=None):
+    """Merge into the receiver views (``projection is None``) or fill ``projection [R, T, Kt]``
+    and ``head_scale [R, T, Ht]``. ``p [R, T, H]``; ``logits [R, chunks, T, Ht]`` partials."""
+    entries, tokens, k_in = p.shape
+    w, bias, head_bias = weights.w_out, weights.b_out, weights.b_head
+    width, heads = w.shape[1], head_bias.shape[1]
+    write_cache = projection is None
+    args = (table, receiver_slots, p, w, bias, logits, head_bias, weights.gate_logit,
+            p if write_cache else projection, p if write_cache else head_scale,
+            tokens, width, k_in, heads, receiver_view.shape[3], receiver_view.shape[1], logits.shape[1],
+            *w.stride(), *bias.stride(), *head_bias.stride(), configs.token_bucket(tokens))
+    meta = dict(WRITE_CACHE=write_cache, CACHE_DTYPE=cache_dtype, DOT_DTYPE=dot_dtype, VEC=vec,
+                HEADS_PAD=max(16, triton.next_power_of_2(heads)))
+
+    def grid(m):
+        return (entries * triton.cdiv(tokens, m["BM"]) * triton.cdiv(width, m["BN"]),)
+
+    if write_cache:
+        fixed = configs.fixed(tokens, p.device, p.element_size())
+        output_gemm_kernel[grid({**fixed})](*args, **meta, **fixed)
+    else:
+        _tuned[grid](*args, **meta)

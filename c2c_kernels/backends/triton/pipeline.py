@@ -1,0 +1,72 @@
+"""The stage order of one call, and the activation buffers between stages.
+
+Launches per call (``B = num_blocks`` FFN blocks on the projection path, 2 for the published
+3-layer fusers), each covering every entry of the call at once:
+
+    1          input GEMM        caches --(slots)--> u                          input_gemm.py
+    2, 3       FFN_1             u -> h -> z                                    ffn_up/ffn_down
+    4, 5       weight branch     z -> h -> per-tile head logits (w never stored) ffn_up/ffn_down
+    6 .. 2B+3  projection blocks z -> h -> z' (ping-pong)                       ffn_up/ffn_down
+    2B+4       output GEMM       p -> x + G sigmoid(a) y into the caches        output_gemm.py
+                                 (or -> projection, head_scale for c2c::project)
+
+Activations between stages are stored in the weight dtype (the next GEMM consumes them in that
+dtype anyway); every accumulation, norm, GELU, residual and the merge run in fp32. Buffers come
+from torch's caching allocator, so a captured CUDA graph keeps them in its private pool.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import configs, ffn_down, ffn_up, input_gemm, merge as merge_stage, output_gemm, tables
+from ._common import TL_DTYPES, dot_dtype
+
+
+def run(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, *,
+        projection=None, head_scale=None) -> None:
+    """Fuse in place, or (with ``projection``/``head_scale``) fill the c2c::project outputs."""
+    dtype, device = weights.dtype, weights.device
+    entries, tokens = len(fusers), receiver_slots.shape[0]
+    hidden, inter, heads = weights.hidden_dim, weights.intermediate_dim, weights.receiver_heads
+    cache_dtype, mma_dtype = TL_DTYPES[dtype], dot_dtype(dtype)
+    table = tables.entry_table(receiver_caches, sharer_caches, fusers)
+    size = weights.w_in_sharer.element_size()
+    receiver_vec = tables.vector_width(receiver_caches, size)
+
+    u = torch.empty(entries, tokens, hidden, dtype=dtype, device=device)
+    z = torch.empty_like(u)
+    inner = torch.empty(entries * tokens * max(inter, hidden), dtype=dtype, device=device)
+    h_ffn = inner[:entries * tokens * inter].view(entries, tokens, inter)
+    h_head = inner[:entries * tokens * hidden].view(entries, tokens, hidden)
+    logits = torch.empty(entries, triton.cdiv(hidden, configs.LOGIT_BN), tokens, heads,
+                         dtype=torch.float32, device=device)
+
+    input_gemm.launch(table, receiver_slots, sharer_slots, receiver_caches[0], sharer_caches[0], weights, u,
+                      cache_dtype=cache_dtype, dot_dtype=mma_dtype, receiver_vec=receiver_vec,
+                      sharer_vec=tables.vector_width(sharer_caches, size))
+
+    def ffn_block(block, source, target):
+        ffn_up.launch(table, source, weights.ffn_norm[:, block], weights.ffn_w1[:, block], h_ffn,
+                      dot_dtype=mma_dtype)
+        ffn_down.launch(table, h_ffn, weights.ffn_w2[:, block], source, target, dot_dtype=mma_dtype)
+
+    ffn_block(0, u, z)
+    ffn_up.launch(table, z, weights.head_norm, weights.head_w1, h_head, dot_dtype=mma_dtype)
+    ffn_down.launch_head_logits(table, h_head, weights.head_w2, z, weights.w_head, logits, dot_dtype=mma_dtype)
+    current, spare = z, u
+    for block in range(1, weights.num_blocks):
+        ffn_block(block, current, spare)
+        current, spare = spare, current
+
+    output_gemm.launch(table, receiver_slots, receiver_caches[0], current, weights, logits,
+                       cache_dtype=cache_dtype, dot_dtype=mma_dtype, vec=receiver_vec,
+                       projection=projection, head_scale=head_scale)
+
+
+def merge(receiver_caches, receiver_slots, projections, head_scales) -> None:
+    receiver_table, contribution_table = tables.merge_tables(receiver_caches, projections, head_scales)
+    dtype = receiver_caches[0].dtype
+    merge_stage.launch(receiver_table, contribution_table, receiver_slots, receiver_caches[0],
+                       len(projections) // len(receiver_caches), cache_dtype=TL_DTYPES[dtype],
+                       vec=tables.vector_width(receiver_caches, receiver_caches[0].element_size()))
