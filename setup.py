@@ -62,7 +62,7 @@ setup(
         "triton": ["triton>=3.6"],
         "test": ["pytest", "pytest-benchmark", "expecttest"],
         "bench": ["matplotlib", "tqdm"],
-        "hf": ["transformers"],
+        "hf": ["transformers>=4.51", "tokenizers"],  # tested with 4.51.3 and 5.24.0
     },
     entry_points={"console_scripts": ["c2c-bench=c2c_kernels.bench:main"]},
     ext_modules=[_extension()],

@@ -1,0 +1,122 @@
+"""End-to-end time to first token of C2C generation with ``transformers`` models.
+
+One row = both prefills, the fusion and the first decode step (:meth:`C2CModel.first_token_logits`),
+timed for the fused kernels against the same pipeline with the reference fuser, and the
+receiver alone as the floor. Models are randomly initialised from the published configs of
+the benchmark pairs (:data:`c2c_kernels.testing.WORKLOADS`): timing does not depend on weight
+values, and nothing is downloaded.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from .hf import C2CModel, PromptBatch, Sharer, kv_geometry, random_checkpoint
+from .memory import peak_memory
+from .tiny import model_config, random_model
+
+# Published configs of the models the workloads name (architecture fields only).
+MODELS = {
+    "qwen3-0.6b": ("qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936)),
+    "qwen3-1.7b": ("qwen3", dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936)),
+    "qwen3-4b": ("qwen3", dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                               num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936)),
+    "qwen3-8b": ("qwen3", dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                               num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936)),
+    "qwen2.5-0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                   num_attention_heads=14, num_key_value_heads=2, vocab_size=151936)),
+    "qwen2.5-1.5b": ("qwen2", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                   num_attention_heads=12, num_key_value_heads=2, vocab_size=151936)),
+    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                 num_attention_heads=28, num_key_value_heads=4, vocab_size=152064)),
+    "llama3.2-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                  num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256)),
+}
+
+
+def workload_configs(workload: str, *, tiny: bool = False):
+    """Receiver and sharer configs of a workload (``"receiver+sharer"``). ``tiny`` keeps each
+    model's KV geometry (heads x dim) but shrinks depth, width and vocabulary, for a smoke run."""
+    names = workload.split("+")
+    if len(names) != 2 or any(n not in MODELS for n in names):
+        raise ValueError(f"workload: expected 'receiver+sharer' from {sorted(MODELS)}, got {workload!r}")
+    configs = []
+    for name in names:
+        family, fields = MODELS[name]
+        fields = dict(fields, max_position_embeddings=8192, tie_word_embeddings=False)
+        if tiny:
+            _, kv_heads, head_dim = kv_geometry(model_config(family, **fields))
+            fields.update(num_hidden_layers=max(2, fields["num_hidden_layers"] // 7), hidden_size=64,
+                          intermediate_size=128, num_attention_heads=kv_heads, head_dim=head_dim, vocab_size=512)
+        configs.append(model_config(family, **fields))
+    return configs
+
+
+def _timed(fn, device, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def time_to_first_token(model: C2CModel, prompts: PromptBatch, *, fuse: bool = True, backend: str | None = None,
+                        repeats: int = 5, warmup: int = 1) -> dict:
+    """Median/min seconds of prefills + fusion + first decode step, and its peak memory."""
+    device = model.receiver.device
+
+    def run():
+        return model.first_token_logits(prompts, fuse=fuse, backend=backend)
+
+    times = _timed(run, device, repeats, warmup)
+    _, peak = peak_memory(run, device)
+    return {"median_s": statistics.median(times), "min_s": min(times), "peak_bytes": peak}
+
+
+def ttft_rows(workload: str = "qwen3-0.6b+qwen2.5-0.5b", *, batch: int = 1, prompt_tokens: int = 512,
+              device=None, dtype=None, backends=("auto", "reference"), repeats: int = 5, warmup: int = 1,
+              tiny: bool = False, fuser_hidden: int = 1024, fuser_intermediate: int = 1024, seed: int = 0) -> list[dict]:
+    """The benchmark rows of one workload: one per fusion backend, plus the receiver alone.
+
+    Defaults to CUDA and bf16 when a GPU is present, else CPU and fp32. Each row holds
+    ``workload, variant, batch, prompt_tokens, median_ms, min_ms, peak_mib`` and, for fused
+    variants, ``vs_reference`` (the reference pipeline's median over this one's).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    receiver_config, sharer_config = workload_configs(workload, tiny=tiny)
+    receiver = random_model(receiver_config, dtype=dtype, device=device, seed=seed)
+    sharer = random_model(sharer_config, dtype=dtype, device=device, seed=seed + 1)
+    hidden, inner = (64, 64) if tiny else (fuser_hidden, fuser_intermediate)
+    ckpt = random_checkpoint(receiver, sharer, hidden_dim=hidden, intermediate_dim=inner, dtype=dtype,
+                             device=device, seed=seed + 2)
+    c2c_model = C2CModel(receiver, None, [Sharer(sharer, ckpt)])
+    vocab = min(receiver_config.vocab_size, sharer_config.vocab_size)
+    generator = torch.Generator().manual_seed(seed + 3)
+    ids = torch.randint(0, vocab, (batch, prompt_tokens), generator=generator).to(device)
+    prompts = PromptBatch.same_tokens(ids)
+    variants = [(f"fused ({b})", True, b) for b in backends] + [("receiver only", False, None)]
+    rows = []
+    for name, fuse, backend in variants:
+        result = time_to_first_token(c2c_model, prompts, fuse=fuse, backend=backend, repeats=repeats,
+                                     warmup=warmup)
+        rows.append({"workload": workload, "variant": name, "batch": batch, "prompt_tokens": prompt_tokens,
+                     "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+                     "median_ms": 1e3 * result["median_s"], "min_ms": 1e3 * result["min_s"],
+                     "peak_mib": result["peak_bytes"] / 2**20})
+    reference = next((r["median_ms"] for r in rows if r["variant"] == "fused (reference)"), None)
+    for row in rows:
+        if reference and row["variant"].startswith("fused"):
+            row["vs_reference"] = reference / row["median_ms"]
+    return rows
