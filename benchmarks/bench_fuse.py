@@ -1,0 +1,14 @@
+"""The whole fuse (every fused layer, K and V, in one ``c2c.fuse_all``) per backend, and the
+research-style eager fuser on the same rows for comparison."""
+import pytest
+
+from c2c_kernels.bench import runners
+from conftest import backend_params, inputs_for, synchronized
+
+
+@pytest.mark.parametrize("device,backend,tokens", backend_params(extra=(runners.EAGER,)))
+def test_fuse(benchmark, device, backend, tokens):
+    inputs = inputs_for(device, tokens)
+    benchmark.group = f"fuse {device} {tokens} tokens"
+    benchmark.extra_info.update(flops=inputs.flops(), bytes=inputs.bytes())
+    benchmark(synchronized(runners.make_call(backend, inputs), device))

@@ -1,0 +1,112 @@
+"""The benchmark loop: for every workload x dtype x token count, check each contender against
+the reference, time it, and turn the timing into a row (throughput, fraction of the roofline
+bound, speedup over eager)."""
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from . import runners
+from .peaks import dtype_name
+from .progress import progress
+from .report import roofline_ms
+from .timing import time_call
+from .workloads import Workload, build_inputs
+
+
+@dataclass
+class Plan:
+    workloads: list[Workload]
+    layers: list[int]  # per workload
+    tokens: list[int]
+    requests: int
+    dtypes: list[torch.dtype]
+    layout: str
+    device: torch.device
+    contenders: list[str]
+    check: bool = True
+    min_time_s: float = 0.5
+    seed: int = 0
+    show_progress: bool = True
+    debug: bool = False
+
+
+def _error(e: BaseException, debug: bool) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    return traceback.format_exc() if debug else text
+
+
+def _row(inputs, name: str) -> dict:
+    return {"workload": inputs.workload.name, "backend": name, "device": inputs.device.type,
+            "dtype": dtype_name(inputs.dtype), "layout": inputs.layout, "layers": inputs.layers,
+            "fusers": inputs.fusers, "requests": inputs.requests, "tokens": inputs.tokens,
+            "total_tokens": inputs.total_tokens, "median_ms": None, "spread_ms": None, "min_ms": None,
+            "samples": 0, "first_call_ms": None, "tflops": None, "gbs": None, "peak_fraction": None,
+            "roofline_ms": None, "speedup": None, "correct": None, "max_abs_err": None,
+            "flops": inputs.flops(), "bytes": inputs.bytes(),
+            "weight_bytes": inputs.weight_bytes(), "error": None}
+
+
+def _measure(inputs, name: str, expected, plan: Plan, peaks: dict) -> dict:
+    row = _row(inputs, name)
+    try:
+        got, first_s = runners.fused_rows(name, inputs)
+        row["first_call_ms"] = first_s * 1e3
+        if expected is not None:
+            check = runners.compare(got, expected, inputs.dtype)
+            row["correct"], row["max_abs_err"] = check.correct, check.max_abs_err
+        del got
+        timing = time_call(runners.make_call(name, inputs), inputs.device, min_time_s=plan.min_time_s,
+                           first_call_s=first_s)
+    except Exception as e:  # a broken backend is a row with its error, not the end of the run
+        row["error"] = _error(e, plan.debug)
+        return row
+    seconds = timing.median_ms / 1e3
+    row.update(median_ms=timing.median_ms, spread_ms=timing.spread_ms, min_ms=timing.min_ms,
+               samples=timing.samples, tflops=row["flops"] / seconds / 1e12, gbs=row["bytes"] / seconds / 1e9)
+    peak = peaks["matmul_tflops"].get(row["dtype"])
+    if peak:
+        row["roofline_ms"] = roofline_ms(row["flops"], row["bytes"], peak, peaks["copy_gbs"])
+        row["peak_fraction"] = row["roofline_ms"] / timing.median_ms
+    return row
+
+
+def _speedups(rows: list[dict]) -> None:
+    eager = {_config(r): r["median_ms"] for r in rows if r["backend"] == runners.EAGER and r["median_ms"]}
+    for r in rows:
+        base = eager.get(_config(r))
+        if base and r["median_ms"]:
+            r["speedup"] = base / r["median_ms"]
+
+
+def _config(r: dict):
+    return (r["workload"], r["dtype"], r["layout"], r["layers"], r["requests"], r["tokens"])
+
+
+def run(plan: Plan, peaks: dict) -> list[dict]:
+    configs = [(w, layers, dtype, tokens) for w, layers in zip(plan.workloads, plan.layers)
+               for dtype in plan.dtypes for tokens in plan.tokens]
+    bar = progress(len(configs) * (len(plan.contenders) + plan.check), plan.show_progress)
+    rows = []
+    try:
+        for workload, layers, dtype, tokens in configs:
+            label = f"{workload.name} {dtype_name(dtype)} {plan.requests}x{tokens}"
+            bar.set_description(f"{label}: building inputs")
+            inputs = build_inputs(workload, layers=layers, tokens=tokens, requests=plan.requests, dtype=dtype,
+                                  layout=plan.layout, device=plan.device, seed=plan.seed)
+            expected = None
+            if plan.check:
+                bar.set_description(f"{label}: reference")
+                expected, _ = runners.fused_rows("reference", inputs)
+                bar.update()
+            for name in plan.contenders:
+                bar.set_description(f"{label}: {name}")
+                rows.append(_measure(inputs, name, expected, plan, peaks))
+                bar.update()
+            del inputs, expected
+    finally:
+        bar.close()
+    _speedups(rows)
+    return rows
