@@ -3,6 +3,7 @@ backend, with the roofline bound of the peaks measured in the same run)."""
 from __future__ import annotations
 
 import json
+import os
 
 ROW_KEYS = ("workload", "backend", "device", "dtype", "layout", "layers", "fusers", "requests", "tokens",
             "total_tokens", "median_ms", "spread_ms", "min_ms", "samples", "first_call_ms", "tflops",
@@ -53,9 +54,12 @@ def table(rows: list[dict]) -> str:
 
 
 def write_json(path: str, meta: dict, peaks: dict, rows: list[dict]) -> None:
-    with open(path, "w") as f:
+    """Written whole and renamed into place, so a reader never sees half a file."""
+    partial = path + ".partial"
+    with open(partial, "w") as f:
         json.dump({"meta": meta, "peaks": peaks, "rows": rows}, f, indent=1)
         f.write("\n")
+    os.replace(partial, path)
 
 
 def plot(path: str, meta: dict, peaks: dict, rows: list[dict]) -> str | None:

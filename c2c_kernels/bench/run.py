@@ -85,7 +85,8 @@ def _config(r: dict):
     return (r["workload"], r["dtype"], r["layout"], r["layers"], r["requests"], r["tokens"])
 
 
-def run(plan: Plan, peaks: dict) -> list[dict]:
+def run(plan: Plan, peaks: dict, on_row=None) -> list[dict]:
+    """Every row of the plan; ``on_row(rows)`` after each one (for partial results of long runs)."""
     configs = [(w, layers, dtype, tokens) for w, layers in zip(plan.workloads, plan.layers)
                for dtype in plan.dtypes for tokens in plan.tokens]
     bar = progress(len(configs) * (len(plan.contenders) + plan.check), plan.show_progress)
@@ -105,6 +106,9 @@ def run(plan: Plan, peaks: dict) -> list[dict]:
                 bar.set_description(f"{label}: {name}")
                 rows.append(_measure(inputs, name, expected, plan, peaks))
                 bar.update()
+                if on_row:
+                    _speedups(rows)
+                    on_row(rows)
             del inputs, expected
     finally:
         bar.close()
