@@ -283,6 +283,8 @@ class C2CModel:
     def tokenize(self, texts: Sequence[str], *, padding_side: str = "left",
                  add_special_tokens: bool = True) -> PromptBatch:
         """Tokenize ``texts`` for the receiver and each sharer and align the tokenizations."""
+        if self.tokenizer is None:
+            raise ValueError("tokenizer: this C2CModel has none; pass token ids as a PromptBatch instead of texts")
         if isinstance(texts, str):
             texts = [texts]
         different = [s.tokenizer is not None and s.tokenizer is not self.tokenizer for s in self.sharers]

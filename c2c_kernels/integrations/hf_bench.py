@@ -86,7 +86,8 @@ def time_to_first_token(model: C2CModel, prompts: PromptBatch, *, fuse: bool = T
 
 def ttft_rows(workload: str = "qwen3-0.6b+qwen2.5-0.5b", *, batch: int = 1, prompt_tokens: int = 512,
               device=None, dtype=None, backends=("auto", "reference"), repeats: int = 5, warmup: int = 1,
-              tiny: bool = False, fuser_hidden: int = 1024, fuser_intermediate: int = 1024, seed: int = 0) -> list[dict]:
+              tiny: bool = False, fuser_hidden: int = 1024, fuser_intermediate: int = 1024,
+              seed: int = 0) -> list[dict]:
     """The benchmark rows of one workload: one per fusion backend, plus the receiver alone.
 
     Defaults to CUDA and bf16 when a GPU is present, else CPU and fp32. Each row holds
@@ -120,3 +121,46 @@ def ttft_rows(workload: str = "qwen3-0.6b+qwen2.5-0.5b", *, batch: int = 1, prom
         if reference and row["variant"].startswith("fused"):
             row["vs_reference"] = reference / row["median_ms"]
     return rows
+
+
+def fusion_memory(workload: str = "qwen3-0.6b+qwen2.5-0.5b", *, batch: int = 1, prompt_tokens: int = 512,
+                  backend: str = "auto", device=None, dtype=None, fuser_hidden: int = 1024,
+                  fuser_intermediate: int = 1024, seed: int = 0) -> dict:
+    """Peak memory of fusing a prefilled HF-layout cache of the workload's geometry, against the
+    caches' own size. ``integration_peak_mib`` is :func:`fuse_prompt_cache` (views, slots,
+    alignment gather); ``op_peak_mib`` the bare ``c2c.fuse_all`` call on prebuilt views and
+    slots: the difference is all the integration adds. No models are built."""
+    from ..api import fuse_all
+    from ..checkpoint import last_aligned_map, make_checkpoint
+    from ..layouts import dynamic_cache_views, hf_slots
+    from ..testing import WORKLOADS
+    from ..weights import random_weights
+    from .hf import fuse_prompt_cache
+    from .memory import cache_bytes
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    (r_layers, r_heads, r_dim), (s_layers, s_heads, s_dim) = WORKLOADS[workload]
+    layer_map = last_aligned_map(r_layers, s_layers)
+    weights = random_weights(2 * len(layer_map), s_heads, s_dim, r_heads, r_dim, fuser_hidden, fuser_intermediate,
+                             dtype=dtype, device=device, seed=seed)
+    ckpt = make_checkpoint(weights, layer_map, s_heads)
+
+    def cache(layers, heads, dim):
+        return [(torch.randn(batch, heads, prompt_tokens, dim, device=device, dtype=dtype),
+                 torch.randn(batch, heads, prompt_tokens, dim, device=device, dtype=dtype)) for _ in range(layers)]
+
+    receiver, sharer = cache(r_layers, r_heads, r_dim), cache(s_layers, s_heads, s_dim)
+    mask = torch.ones(batch, prompt_tokens, dtype=torch.bool, device=device)
+    columns = torch.arange(prompt_tokens, device=device).expand(batch, prompt_tokens)
+    _, integration_peak = peak_memory(
+        lambda: fuse_prompt_cache(ckpt, receiver, mask, sharer, columns, backend=backend), device)
+    receiver_kv, sharer_kv = dynamic_cache_views(receiver), dynamic_cache_views(sharer)
+    receiver_slots = hf_slots(mask)
+    sharer_slots = (torch.arange(batch, device=device).unsqueeze(1) * prompt_tokens + columns).reshape(-1)
+    _, op_peak = peak_memory(
+        lambda: fuse_all(ckpt, receiver_kv, sharer_kv, receiver_slots, sharer_slots, backend=backend), device)
+    return {"workload": workload, "backend": backend, "batch": batch, "prompt_tokens": prompt_tokens,
+            "dtype": str(dtype).replace("torch.", ""), "receiver_cache_mib": cache_bytes(receiver) / 2**20,
+            "sharer_cache_mib": cache_bytes(sharer) / 2**20, "integration_peak_mib": integration_peak / 2**20,
+            "op_peak_mib": op_peak / 2**20}

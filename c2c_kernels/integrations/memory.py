@@ -5,15 +5,19 @@ import torch
 
 
 def _cpu_peak(fn):
-    """Replays the profiler's allocation timeline: each op's own allocations minus its frees,
-    and the frees between ops, in time order."""
+    """Replays the profiler's CPU allocation events (each allocation and free, in time order)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
-    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
+    try:
+        events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    except AttributeError:  # no per-allocation events: ops' net allocations, frees at each op's end
+        events = [(e.time_range.end if e.self_cpu_memory_usage < 0 else e.time_range.start,
+                   e.self_cpu_memory_usage) for e in prof.events()]
     live = peak = 0
-    for _, delta in events:
+    for _, delta in sorted(events):
         live += delta
         peak = max(peak, live)
     return result, peak

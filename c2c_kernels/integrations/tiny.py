@@ -41,12 +41,13 @@ def tiny_tokenizer(kind: str = "bytelevel", vocab_size: int = 320):
     tok.train_from_iterator(CORPUS * 2, trainer)
     if kind == "bytelevel":
         return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    bos = ("<s>", tok.token_to_id("<s>"))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="</s>")
 
 
-# Families with the KV-cache geometry of the benchmark pairs, shrunk.
+# Three small families with distinct KV geometries (heads x dim), like a receiver and its sharers.
 TINY_FAMILIES = {
     "qwen3": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
     "llama": dict(hidden_size=48, intermediate_size=96, num_attention_heads=6, num_key_value_heads=3, head_dim=8),
