@@ -1,7 +1,8 @@
 """Peaks measured in the same run, so every fraction of peak is against this machine as it is now.
 
 GPU: a square matmul per dtype (bf16 is the headline tensor-core peak) and a device-to-device
-copy. CPU: an ATen matmul per dtype (``F.linear``, the GEMM the fusers run) and a memory copy.
+copy. CPU: an ATen matmul per dtype (``F.linear``, the GEMM the fusers run; fp32 also bounds
+16-bit data) and a memory copy.
 A copy moves each byte twice (read and write); both count.
 """
 from __future__ import annotations
@@ -40,10 +41,17 @@ def copy_gbs(device: torch.device) -> float:
 
 
 def measure(dtypes, device: torch.device) -> dict:
-    """``{"matmul_tflops": {dtype name: TFLOP/s}, "copy_gbs": GB/s}``; bf16 always on a GPU."""
-    names = list(dict.fromkeys([*(([torch.bfloat16]) if device.type == "cuda" else []), *dtypes]))
-    return {"matmul_tflops": {dtype_name(d): matmul_tflops(d, device) for d in names},
-            "copy_gbs": copy_gbs(device)}
+    """``matmul_tflops`` (the compute peak per dtype name), ``matmul_measured_tflops`` (each
+    dtype's own matmul) and ``copy_gbs``. On a GPU bf16 is always measured. On a CPU fp32 is
+    always measured and also bounds 16-bit data: a kernel can widen bf16/fp16 to fp32 and use
+    the fp32 GEMM, which beats ATen's 16-bit GEMM on CPUs without native bf16/fp16 units."""
+    extra = torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = list(dict.fromkeys([extra, *dtypes]))
+    measured = {dtype_name(d): matmul_tflops(d, device) for d in names}
+    peak = dict(measured)
+    if device.type == "cpu":
+        peak = {d: max(v, measured["float32"]) for d, v in measured.items()}
+    return {"matmul_tflops": peak, "matmul_measured_tflops": measured, "copy_gbs": copy_gbs(device)}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -35,7 +35,7 @@ def known_contenders() -> list[str]:
     return [EAGER, COMPILED, *backends.NAMES[1:]]  # NAMES[0] is "auto"
 
 
-_models: dict = {}
+_models: dict = {"weights": None}  # models of the current weights only: old ones can be freed
 
 
 def _allow_recompiles() -> None:
@@ -50,9 +50,10 @@ def _allow_recompiles() -> None:
 
 def _model(name: str, inputs: Inputs) -> EagerC2C:
     weights = inputs.ckpt.weights
-    key = (name, id(weights.w_in_sharer))
-    cached = _models.get(key)
-    if cached is None or cached[0] is not weights.w_in_sharer:
+    if _models["weights"] is not weights.w_in_sharer:
+        _models.clear()
+        _models["weights"] = weights.w_in_sharer
+    if name not in _models:
         model = EagerC2C(inputs.ckpt)
         if name == COMPILED:
             # Compile each fuser module, not the whole layer loop: every layer shares one graph
@@ -60,8 +61,8 @@ def _model(name: str, inputs: Inputs) -> EagerC2C:
             _allow_recompiles()
             for fuser in model.fusers:
                 fuser.compile(dynamic=True)
-        cached = _models[key] = (weights.w_in_sharer, model)
-    return cached[1]
+        _models[name] = model
+    return _models[name]
 
 
 def make_call(name: str, inputs: Inputs, receiver=None) -> Callable[[], object]:
