@@ -36,10 +36,10 @@ _inputs: dict = {}
 
 
 def inputs_for(device: str, tokens: int):
-    """Inputs of one ``fuse_all`` call, built once per session (weights take seconds on a GPU)."""
+    """Inputs of one ``fuse_all`` call, built once per session and kept: tests of one token
+    count come from several files, and building a GPU workload takes seconds."""
     key = (device, tokens)
     if key not in _inputs:
-        _inputs.clear()
         workload = named_workload(WORKLOAD)
         s = SETTINGS[device]
         _inputs[key] = build_inputs(workload, layers=s["layers"] or workload.fused_layers, tokens=tokens,
