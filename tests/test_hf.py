@@ -291,6 +291,8 @@ def test_errors_name_the_argument(tokenizers):
         model.tokenize(["fine", ""])
     with pytest.raises(ValueError, match="padding_side"):
         model.tokenize(["fine"], padding_side="middle")
+    with pytest.raises(ValueError, match="attention_mask: row 1 holds no tokens"):
+        hf.split_last_token(torch.ones(2, 3, dtype=torch.long), torch.tensor([[1, 1, 1], [0, 0, 0]]))
     with pytest.raises(ValueError, match="prompts: holds tokens for 1 sharers"):
         model.prefill(hf.PromptBatch.same_tokens(torch.ones(1, 3, dtype=torch.long)))
     cache, mask, sharer_cache, columns = prefilled_caches(tokenizers, entries[:1], receiver, receiver_tok)

@@ -185,6 +185,9 @@ def split_last_token(input_ids: Tensor, attention_mask: Tensor):
     mask = attention_mask.bool()
     columns = torch.arange(mask.shape[1], device=mask.device)
     last = torch.where(mask, columns, -1).amax(-1, keepdim=True)
+    empty = (last < 0).flatten().nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask: row {empty[0]} holds no tokens; every prompt needs at least one")
     prompt_mask = mask & (columns != last)
     kept = int(torch.where(prompt_mask, columns + 1, 0).max()) if mask.numel() else 0
     return input_ids[:, :kept], prompt_mask[:, :kept], input_ids.gather(1, last.clamp_min(0))
