@@ -33,7 +33,7 @@ def table(rows: list[dict]) -> str:
         else:
             check = ("ok" if r["correct"] else "MISMATCH") + f' ({r["max_abs_err"]:.1e})'
         lines.append((r["workload"], r["dtype"], tokens, r["backend"], _fmt(r["median_ms"], ".3f"),
-                      _fmt(r["spread_ms"], ".3f"), _fmt(r["tflops"], ".3f"), _fmt(r["gbs"], ".1f"),
+                      _fmt(r["spread_ms"], ".3f"), _fmt(r["tflops"], ".3g"), _fmt(r["gbs"], ".3g"),
                       _fmt(None if r["peak_fraction"] is None else 100 * r["peak_fraction"], ".1f"),
                       _fmt(r["speedup"], ".2f", "-") + ("x" if r["speedup"] is not None else ""), check))
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
