@@ -15,13 +15,13 @@ TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 
 # Row layout of the per-call entry table (int64, one row per fused cache entry, see tables.py):
 # the fuser index, then (base address, page stride, entry stride, head stride) of the receiver
-# view and of the sharer view. Strides are in elements.
-ENTRY_FUSER = 0
-ENTRY_RECEIVER = 1
-ENTRY_SHARER = 5
-ENTRY_WIDTH = 9
+# view and of the sharer view. Strides are in elements. (Kernels may only read constexpr globals.)
+ENTRY_FUSER = tl.constexpr(0)
+ENTRY_RECEIVER = tl.constexpr(1)
+ENTRY_SHARER = tl.constexpr(5)
+ENTRY_WIDTH = tl.constexpr(9)
 
-RMS_EPS = 1e-6
+RMS_EPS = tl.constexpr(1e-6)
 
 
 def dot_dtype(dtype: torch.dtype):
@@ -81,12 +81,16 @@ def gelu_erf(x):
     return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
 
 
+# fp32 tiles: three tf32 products (fp32-accurate to ~1e-6, on tensor cores) on a GPU, plain
+# fp32 in the interpreter. Single tf32 would miss the fp32 tolerance of the tests.
+FP32_DOT = tl.constexpr("ieee" if INTERPRET else "tf32x3")
+
+
 @triton.jit
 def mma(a, b, acc, DOT_DTYPE: tl.constexpr):
-    """``acc + a @ b`` with both tiles in DOT_DTYPE; fp32 tiles are multiplied in full fp32
-    (not tf32: fp32 caches are the accuracy reference)."""
+    """``acc + a @ b`` with both tiles in DOT_DTYPE, accumulated in fp32."""
     if DOT_DTYPE == tl.float32:
-        out = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision="ieee")
+        out = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=FP32_DOT)
     else:
         out = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc)
     return out

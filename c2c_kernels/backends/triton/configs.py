@@ -18,12 +18,14 @@ from ._common import INTERPRET
 # (BM, BN, BK, num_warps, num_stages)
 HOPPER = (
     (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (64, 32, 128, 4, 5),  # weight-streaming, small T
-    (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3),
+    (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 64, 64, 8, 4), (64, 128, 128, 4, 3),
 )
 AMPERE = (
     (64, 64, 64, 4, 4), (64, 32, 128, 4, 4), (64, 128, 32, 4, 4),
-    (128, 128, 32, 4, 4), (128, 64, 64, 4, 3), (128, 256, 32, 8, 3),
+    (128, 128, 32, 8, 4), (128, 64, 64, 8, 4), (128, 128, 64, 8, 3),
 )
+# fp32 weights (accuracy tests on a GPU): tf32x3 dots need three times the operand tiles.
+FP32 = ((64, 64, 32, 4, 3),)
 # The interpreter runs every program in Python: one config, few large tiles.
 INTERPRETER = ((64, 64, 64, 4, 1),)
 
@@ -46,14 +48,20 @@ def _config(bm, bn, bk, warps, stages) -> triton.Config:
 
 
 def configs(fixed_bn: int | None = None) -> list[triton.Config]:
-    """Every candidate (pruned per call by ``prune``); ``fixed_bn`` forces the column tile."""
-    table = INTERPRETER if INTERPRET else HOPPER + AMPERE
-    seen, out = set(), []
-    for bm, bn, bk, warps, stages in table:
-        key = (bm, fixed_bn or bn, bk, warps, stages)
-        if key not in seen:
-            seen.add(key)
-            out.append(_config(*key))
+    """Every candidate (pruned per call by ``prune``); ``fixed_bn`` forces the column tile.
+    Each config remembers the families (hopper, ampere, fp32) it came from."""
+    if INTERPRET:
+        bm, bn, bk, warps, stages = INTERPRETER[0]
+        return [_config(bm, fixed_bn or bn, bk, warps, stages)]
+    families: dict[tuple, set] = {}
+    for family, table in (("hopper", HOPPER), ("ampere", AMPERE), ("fp32", FP32)):
+        for bm, bn, bk, warps, stages in table:
+            families.setdefault((bm, fixed_bn or bn, bk, warps, stages), set()).add(family)
+    out = []
+    for key, names in families.items():
+        config = _config(*key)
+        config.families = names
+        out.append(config)
     return out
 
 
@@ -70,35 +78,38 @@ def _smem(bm, bn, bk, stages, element_size) -> int:
 
 
 def prune(configs_, named_args, **kwargs):
-    """Keep the configs of this GPU's architecture that fit its shared memory and the bucket."""
+    """Keep the configs of this GPU and dtype that fit its shared memory and the token bucket."""
     if INTERPRET or len(configs_) == 1:
         return configs_
     weights = named_args["w_ptr"]
-    hopper, smem_limit = _device_limits(weights.device)
-    arch = {(bm, bk, w, s) for bm, _, bk, w, s in (HOPPER if hopper else AMPERE)}
-    bucket = named_args["m_bucket"]
     size = weights.element_size()
-    kept = [c for c in configs_
-            if (c.kwargs["BM"], c.kwargs["BK"], c.num_warps, c.num_stages) in arch
+    hopper, smem_limit = _device_limits(weights.device)
+    family = "fp32" if size == 4 else "hopper" if hopper else "ampere"
+    kept = [c for c in configs_ if family in getattr(c, "families", ())
             and _smem(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_stages, size) <= smem_limit]
+    bucket = named_args["m_bucket"]
     small = [c for c in kept if c.kwargs["BM"] == 64]
     large = [c for c in kept if c.kwargs["BM"] > 64]
     chosen = small if bucket <= 64 else small + large if bucket <= 256 else large or small
     return chosen or kept or configs_[:1]
 
 
-def fixed(tokens: int, device: torch.device, element_size: int) -> dict:
+def fixed(tokens: int, head_dim: int, device: torch.device, element_size: int) -> dict:
     """One config without benchmarking, for the stage that writes the caches in place (the
-    autotuner would apply the update once per timed run)."""
+    autotuner would apply the update once per timed run). Its column tile divides the head dim
+    when it can, so the epilogue needs one head logit per token instead of one per column
+    (the per-column gather of 128x128 tiles spills registers)."""
     if INTERPRET:
         bm, bn, bk, warps, stages = INTERPRETER[0]
+    elif element_size == 4:
+        bm, bn, bk, warps, stages = FP32[0]
     else:
         hopper, smem_limit = _device_limits(device)
-        small = tokens <= 64
-        if hopper:
-            bm, bn, bk, warps, stages = (64, 64, 128, 4, 4) if small else (128, 128, 64, 8, 4)
+        bn = 128 if head_dim % 128 == 0 and tokens > 64 else 64
+        if tokens <= 64:
+            bm, bk, warps, stages = (64, 128, 4, 4) if hopper else (64, 64, 4, 4)
         else:
-            bm, bn, bk, warps, stages = (64, 64, 64, 4, 4) if small else (128, 128, 32, 4, 4)
+            bm, bk, warps, stages = (128, 64, 8, 4) if hopper else (128, 64 if bn == 64 else 32, 8, 4)
         while stages > 2 and _smem(bm, bn, bk, stages, element_size) > smem_limit:
             stages -= 1
     return {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": GROUP_M, "num_warps": warps, "num_stages": stages}

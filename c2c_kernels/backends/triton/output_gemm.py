@@ -22,10 +22,11 @@ from ._common import ENTRY_FUSER, ENTRY_RECEIVER, ENTRY_WIDTH, head_columns, loa
 
 @triton.jit
 def _head_logits(logits_ptr, head_bias, entry, tok, head, mask, tokens, heads, logit_chunks):
-    """``b_head[head] + sum_c partial[entry, c, tok, head]``; ``head`` is a full 2-D (tok, head) grid."""
+    """``b_head[head] + sum_c partial[entry, c, tok, head]``: ``tok`` and ``head`` hold one index
+    per element of the result (the same shape as ``mask``)."""
     logit = tl.load(head_bias, mask=mask, other=0.0).to(tl.float32)
     for c in range(logit_chunks):
-        at = ((entry * logit_chunks + c) * tokens + tok).to(tl.int64)[:, None] * heads + head
+        at = ((entry * logit_chunks + c) * tokens + tok).to(tl.int64) * heads + head
         logit += tl.load(logits_ptr + at, mask=mask, other=0.0)
     return logit
 
@@ -37,7 +38,7 @@ def output_gemm_kernel(
     tokens, width, k_in, heads, head_dim, page_size, logit_chunks,
     stride_w_f, stride_w_n, stride_w_k, stride_bias_f, stride_bias_n, stride_hb_f, stride_hb_h,
     m_bucket,  # autotuning key only
-    WRITE_CACHE: tl.constexpr, CACHE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, VEC: tl.constexpr,
+    WRITE_CACHE: tl.constexpr, ONE_HEAD: tl.constexpr, CACHE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, VEC: tl.constexpr,
     HEADS_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     entry, tile_m, tile_n = tile_coords(tl.program_id(0), tl.cdiv(tokens, BM), tl.cdiv(width, BN), GROUP_M)
@@ -62,9 +63,15 @@ def output_gemm_kernel(
     gate_open = tl.load(gate_ptr + fuser + tl.zeros((BM,), dtype=tl.int64)) > 0
     head_bias = head_bias_ptr + fuser * stride_hb_f
     if WRITE_CACHE:
-        col_head = tl.broadcast_to((cols // head_dim)[None, :], (BM, BN))
-        logit = _head_logits(logits_ptr, head_bias + col_head * stride_hb_h, entry, tok, col_head,
-                             tok_mask[:, None] & col_mask[None, :], tokens, heads, logit_chunks)
+        if ONE_HEAD:  # the tile lies inside one head: one logit per token
+            tile_head = tl.zeros((BM,), dtype=tl.int32) + (tile_n * BN) // head_dim
+            logit = _head_logits(logits_ptr, head_bias + tile_head * stride_hb_h, entry, tok, tile_head,
+                                 tok_mask, tokens, heads, logit_chunks)[:, None]
+        else:  # the head of every column, gathered
+            col_head = tl.broadcast_to((cols // head_dim)[None, :], (BM, BN))
+            logit = _head_logits(logits_ptr, head_bias + col_head * stride_hb_h, entry,
+                                 tl.broadcast_to(tok[:, None], (BM, BN)), col_head,
+                                 tok_mask[:, None] & col_mask[None, :], tokens, heads, logit_chunks)
         slot = tl.load(receiver_slots_ptr + tok, mask=tok_mask, other=-1).to(tl.int64)
         base, r_page, r_entry, r_head = load_view(entry_row, ENTRY_RECEIVER, CACHE_DTYPE, VEC)
         rows = slot_rows(slot, page_size, r_page, r_entry, VEC)
@@ -78,8 +85,9 @@ def output_gemm_kernel(
         if tile_n == 0:
             head = tl.broadcast_to(tl.arange(0, HEADS_PAD)[None, :], (BM, HEADS_PAD))
             mask = tok_mask[:, None] & (head < heads)
-            logit = _head_logits(logits_ptr, head_bias + head * stride_hb_h, entry, tok, head, mask,
-                                 tokens, heads, logit_chunks)
+            logit = _head_logits(logits_ptr, head_bias + head * stride_hb_h, entry,
+                                 tl.broadcast_to(tok[:, None], (BM, HEADS_PAD)), head, mask, tokens, heads,
+                                 logit_chunks)
             scale = tl.where(gate_open[:, None], tl.sigmoid(logit), 0.0)
             tl.store(head_scale_ptr + (entry * tokens + tok).to(tl.int64)[:, None] * heads + head, scale, mask=mask)
 
@@ -103,14 +111,15 @@ def launch(table, receiver_slots, receiver_view, p, weights, logits, *, cache_dt
             p if write_cache else projection, p if write_cache else head_scale,
             tokens, width, k_in, heads, receiver_view.shape[3], receiver_view.shape[1], logits.shape[1],
             *w.stride(), *bias.stride(), *head_bias.stride(), configs.token_bucket(tokens))
-    meta = dict(WRITE_CACHE=write_cache, CACHE_DTYPE=cache_dtype, DOT_DTYPE=dot_dtype, VEC=vec,
+    meta = dict(WRITE_CACHE=write_cache, ONE_HEAD=False, CACHE_DTYPE=cache_dtype, DOT_DTYPE=dot_dtype, VEC=vec,
                 HEADS_PAD=max(16, triton.next_power_of_2(heads)))
 
     def grid(m):
         return (entries * triton.cdiv(tokens, m["BM"]) * triton.cdiv(width, m["BN"]),)
 
     if write_cache:
-        fixed = configs.fixed(tokens, p.device, p.element_size())
-        output_gemm_kernel[grid({**fixed})](*args, **meta, **fixed)
+        fixed = configs.fixed(tokens, receiver_view.shape[3], p.device, p.element_size())
+        meta["ONE_HEAD"] = receiver_view.shape[3] % fixed["BN"] == 0
+        output_gemm_kernel[grid(fixed)](*args, **meta, **fixed)
     else:
         _tuned[grid](*args, **meta)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import configs, ffn_down, ffn_up, input_gemm, merge as merge_stage, output_gemm, tables
+from . import cache_merge, configs, ffn_down, ffn_up, input_gemm, output_gemm, tables
 from ._common import TL_DTYPES, dot_dtype
 
 
@@ -30,9 +30,8 @@ def run(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, f
     entries, tokens = len(fusers), receiver_slots.shape[0]
     hidden, inter, heads = weights.hidden_dim, weights.intermediate_dim, weights.receiver_heads
     cache_dtype, mma_dtype = TL_DTYPES[dtype], dot_dtype(dtype)
-    table = tables.entry_table(receiver_caches, sharer_caches, fusers)
-    size = weights.w_in_sharer.element_size()
-    receiver_vec = tables.vector_width(receiver_caches, size)
+    entry = tables.entry_table(receiver_caches, sharer_caches, fusers)
+    table = entry.rows
 
     u = torch.empty(entries, tokens, hidden, dtype=dtype, device=device)
     z = torch.empty_like(u)
@@ -43,8 +42,8 @@ def run(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, f
                          dtype=torch.float32, device=device)
 
     input_gemm.launch(table, receiver_slots, sharer_slots, receiver_caches[0], sharer_caches[0], weights, u,
-                      cache_dtype=cache_dtype, dot_dtype=mma_dtype, receiver_vec=receiver_vec,
-                      sharer_vec=tables.vector_width(sharer_caches, size))
+                      cache_dtype=cache_dtype, dot_dtype=mma_dtype, receiver_vec=entry.receiver_vec,
+                      sharer_vec=entry.sharer_vec)
 
     def ffn_block(block, source, target):
         ffn_up.launch(table, source, weights.ffn_norm[:, block], weights.ffn_w1[:, block], h_ffn,
@@ -60,13 +59,12 @@ def run(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, f
         current, spare = spare, current
 
     output_gemm.launch(table, receiver_slots, receiver_caches[0], current, weights, logits,
-                       cache_dtype=cache_dtype, dot_dtype=mma_dtype, vec=receiver_vec,
+                       cache_dtype=cache_dtype, dot_dtype=mma_dtype, vec=entry.receiver_vec,
                        projection=projection, head_scale=head_scale)
 
 
 def merge(receiver_caches, receiver_slots, projections, head_scales) -> None:
-    receiver_table, contribution_table = tables.merge_tables(receiver_caches, projections, head_scales)
-    dtype = receiver_caches[0].dtype
-    merge_stage.launch(receiver_table, contribution_table, receiver_slots, receiver_caches[0],
-                       len(projections) // len(receiver_caches), cache_dtype=TL_DTYPES[dtype],
-                       vec=tables.vector_width(receiver_caches, receiver_caches[0].element_size()))
+    receiver_table, contribution_table, vec = tables.merge_tables(receiver_caches, projections, head_scales)
+    cache_merge.launch(receiver_table, contribution_table, receiver_slots, receiver_caches[0],
+                       len(projections) // len(receiver_caches), cache_dtype=TL_DTYPES[receiver_caches[0].dtype],
+                       vec=vec, unit_columns=all(p.stride(1) == 1 for p in projections))

@@ -18,21 +18,29 @@ clear error (like the autotuner, the tables need one eager warm-up call before c
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 
 from ._common import ENTRY_WIDTH
 
 MAX_TABLES = 64
-_tables: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-_captured: dict[tuple, torch.Tensor] = {}  # referenced by CUDA graphs: kept for good
+_tables: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (device table, host copy, extra)
+_captured: dict[tuple, tuple] = {}  # referenced by CUDA graphs: kept for good
+
+
+class EntryTable(NamedTuple):
+    rows: torch.Tensor  # [R, ENTRY_WIDTH] int64 on the caches' device
+    receiver_vec: int  # see vector_width
+    sharer_vec: int
 
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _upload(key: tuple, rows: list[list[int]], width: int, device: torch.device) -> torch.Tensor:
+def _cached(key: tuple, device: torch.device, build) -> tuple:
+    """``(device table, extra)`` for ``key``; ``build()`` gives ``(rows, width, extra)`` on a miss."""
     if key in _captured:
         return _captured[key]
     hit = _tables.get(key)
@@ -41,52 +49,68 @@ def _upload(key: tuple, rows: list[list[int]], width: int, device: torch.device)
             raise RuntimeError(
                 "the triton backend met new cache tensors during CUDA graph capture: run the same "
                 "call once before capturing so that its pointer table (and autotuning) is ready")
-        _captured[key] = hit[0]
-        return hit[0]
+        _captured[key] = (hit[0], hit[2])
+        return _captured[key]
     if hit is not None:
         _tables.move_to_end(key)
-        return hit[0]
+        return hit[0], hit[2]
+    rows, width, extra = build()
     host = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), width)
     if device.type == "cuda":
         host = host.pin_memory()
         table = host.to(device, non_blocking=True)
     else:
         table = host
-    _tables[key] = (table, host)  # the host copy must outlive an asynchronous upload
+    _tables[key] = (table, host, extra)  # the host copy must outlive an asynchronous upload
     if len(_tables) > MAX_TABLES:
         _tables.popitem(last=False)
-    return table
+    return table, extra
 
 
-def _view_row(view: torch.Tensor) -> list[int]:
-    return [view.data_ptr(), view.stride(0), view.stride(1), view.stride(2)]
+def _addresses(views) -> tuple:
+    return tuple([(v.data_ptr(), v.stride()) for v in views])
 
 
-def entry_table(receiver_caches, sharer_caches, fusers) -> torch.Tensor:
-    """``[R, ENTRY_WIDTH]``: fuser index, receiver view, sharer view of every entry."""
-    rows = [[f, *_view_row(rc), *_view_row(sc)]
-            for f, rc, sc in zip(fusers, receiver_caches, sharer_caches)]
+def entry_table(receiver_caches, sharer_caches, fusers) -> EntryTable:
+    """Fuser index, receiver view and sharer view of every entry (all receiver views share one
+    shape, all sharer views another: ops.py checks it)."""
+    receivers, sharers = _addresses(receiver_caches), _addresses(sharer_caches)
+    r_shape, s_shape = receiver_caches[0].shape, sharer_caches[0].shape
+    size = receiver_caches[0].element_size()
     device = receiver_caches[0].device
-    return _upload(("entry", device, *map(tuple, rows)), rows, ENTRY_WIDTH, device)
+
+    def build():
+        rows = [[f, rp, *rs[:3], sp, *ss[:3]] for f, (rp, rs), (sp, ss) in zip(fusers, receivers, sharers)]
+        return rows, ENTRY_WIDTH.value, (vector_width(receivers, r_shape, size), vector_width(sharers, s_shape, size))
+
+    key = ("entry", device, size, r_shape, s_shape, tuple(fusers), receivers, sharers)
+    table, (receiver_vec, sharer_vec) = _cached(key, device, build)
+    return EntryTable(table, receiver_vec, sharer_vec)
 
 
-def merge_tables(receiver_caches, projections, head_scales) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[R, 4]`` receiver views and ``[R*S, 6]`` contributions: (address, row stride, column
-    stride) of each projection, then of its head scales."""
-    device = receiver_caches[0].device
-    views = [_view_row(rc) for rc in receiver_caches]
-    parts = [[p.data_ptr(), p.stride(0), p.stride(1), a.data_ptr(), a.stride(0), a.stride(1)]
-             for p, a in zip(projections, head_scales)]
-    return (_upload(("receivers", device, *map(tuple, views)), views, 4, device),
-            _upload(("contributions", device, *map(tuple, parts)), parts, 6, device))
+def merge_tables(receiver_caches, projections, head_scales) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``[R, 4]`` receiver views (address, page, entry and head strides), ``[R*S, 6]``
+    contributions (address, row stride, column stride of each projection, then of its head
+    scales), and the receiver views' vector width."""
+    receivers = _addresses(receiver_caches)
+    shape, size, device = receiver_caches[0].shape, receiver_caches[0].element_size(), receiver_caches[0].device
+    receiver_table, vec = _cached(
+        ("receivers", device, size, shape, receivers), device,
+        lambda: ([[p, *s[:3]] for p, s in receivers], 4, vector_width(receivers, shape, size)))
+    parts = tuple([(p.data_ptr(), *p.stride(), a.data_ptr(), *a.stride()) for p, a in zip(projections, head_scales)])
+    contribution_table, _ = _cached(("contributions", device, parts), device, lambda: (list(parts), 6, None))
+    return receiver_table, contribution_table, vec
 
 
-def vector_width(views, element_size: int) -> int:
-    """Elements per 16-byte access that every row of ``views`` allows (1 if any view is not
-    16-byte aligned in base, strides or head dim). The kernels promise this to the compiler."""
+def vector_width(addresses, shape, element_size: int) -> int:
+    """Elements per 16-byte access that every row of the views at ``addresses`` (``(data_ptr,
+    strides)`` pairs) of ``shape`` allows: 1 unless every base, used stride and the head dim
+    are 16-byte multiples. The kernels promise this alignment to the compiler."""
     vec = 16 // element_size
-    for v in views:
-        strides = [v.stride(d) for d in range(3) if v.shape[d] > 1]  # unused strides are arbitrary
-        if v.data_ptr() % 16 or any(s % vec for s in (*strides, v.shape[3])):
+    if shape[3] % vec:
+        return 1
+    used = [d for d in range(3) if shape[d] > 1]  # the stride of a size-1 dim is arbitrary
+    for ptr, strides in addresses:
+        if ptr % 16 or any(strides[d] % vec for d in used):
             return 1
     return vec

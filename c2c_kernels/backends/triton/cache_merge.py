@@ -18,7 +18,8 @@ from ._common import head_columns, load_view, slot_rows
 def merge_kernel(
     receiver_table_ptr, contribution_table_ptr, receiver_slots_ptr,
     tokens, width, head_dim, page_size, sharers,
-    CACHE_DTYPE: tl.constexpr, VEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    CACHE_DTYPE: tl.constexpr, VEC: tl.constexpr, UNIT_COLUMNS: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr,
 ):
     entry = tl.program_id(2)
     tok = tl.program_id(1) * BM + tl.arange(0, BM)
@@ -35,13 +36,18 @@ def merge_kernel(
         part = contribution_table_ptr + (entry * sharers + j) * 6
         projection = tl.load(part).to(tl.pointer_type(tl.float32))
         scale = tl.load(part + 3).to(tl.pointer_type(tl.float32))
-        y = tl.load(projection + tok64[:, None] * tl.load(part + 1) + cols[None, :] * tl.load(part + 2), mask=mask, other=0.0)
+        if UNIT_COLUMNS:  # the usual case: lets the projection rows load in 16-byte vectors
+            y_cols = cols
+        else:
+            y_cols = cols * tl.load(part + 2)
+        y = tl.load(projection + tok64[:, None] * tl.load(part + 1) + y_cols[None, :], mask=mask, other=0.0)
         a = tl.load(scale + tok64[:, None] * tl.load(part + 4) + col_head[None, :] * tl.load(part + 5), mask=mask, other=0.0)
         x += a * y
     tl.store(x_ptrs, x.to(CACHE_DTYPE), mask=mask)
 
 
-def launch(receiver_table, contribution_table, receiver_slots, receiver_view, sharers, *, cache_dtype, vec):
+def launch(receiver_table, contribution_table, receiver_slots, receiver_view, sharers, *, cache_dtype, vec,
+           unit_columns):
     # Grid: (column tiles, token tiles, entries) of MERGE_BLOCK; memory-bound, nothing to tune.
     entries = receiver_table.shape[0]
     tokens, width = receiver_slots.shape[0], receiver_view.shape[2] * receiver_view.shape[3]
@@ -49,4 +55,4 @@ def launch(receiver_table, contribution_table, receiver_slots, receiver_view, sh
     grid = (triton.cdiv(width, bn), triton.cdiv(tokens, bm), entries)
     merge_kernel[grid](receiver_table, contribution_table, receiver_slots, tokens, width,
                        receiver_view.shape[3], receiver_view.shape[1], sharers,
-                       CACHE_DTYPE=cache_dtype, VEC=vec, BM=bm, BN=bn, num_warps=4)
+                       CACHE_DTYPE=cache_dtype, VEC=vec, UNIT_COLUMNS=unit_columns, BM=bm, BN=bn, num_warps=4)

@@ -1,0 +1,199 @@
+"""The Triton backend beyond the shared op matrix of test_ops.py.
+
+On a machine without a GPU these run in the Triton interpreter on small shapes (conftest sets
+TRITON_INTERPRET=1): fuser indices in any order and repeated, c2c::project and c2c::merge
+against the reference, a closed gate handed to the backend, the per-call pointer tables. With
+a GPU: workload-sized shapes, every dtype on paged caches, CUDA-graph capture and replay, and
+the sentinel check on big paged pools.
+"""
+import pytest
+import torch
+
+from c2c_kernels import backends, reference
+from c2c_kernels.testing import TOLERANCES, WORKLOADS, make_case
+
+triton_backend = backends._load("triton")
+CPU_OK = not isinstance(triton_backend, str) and "cpu" in triton_backend.DEVICES
+CUDA_OK = torch.cuda.is_available() and not isinstance(triton_backend, str) and "cuda" in triton_backend.DEVICES
+DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not CPU_OK, reason="triton interpreter not enabled")),
+           pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_OK, reason="no GPU"))]
+needs_gpu = pytest.mark.skipif(not CUDA_OK, reason="no GPU")
+
+
+def expected_fuse(case):
+    expected = case.clone_receiver()
+    reference.fuse(expected.receiver_caches, expected.sharer_caches, expected.receiver_slots,
+                   expected.sharer_slots, expected.weights, expected.fusers)
+    return expected
+
+
+def assert_storage_close(case, expected, dtype):
+    tol = TOLERANCES[dtype]
+    for got, want in zip(case.receiver.storage, expected.receiver.storage):
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def fuse(case):
+    torch.ops.c2c.fuse(*case.args(), "triton", False)
+
+
+# ---- interpreter (CPU) and GPU --------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fusers_out_of_order_and_repeated(device, dtype):
+    """Entries may name any fuser of the stack, in any order, the same one several times."""
+    case = make_case(layers=2, device=device, dtype=dtype, seed=41)  # a stack of 4 fusers
+    case.fusers = [3, 0, 3, 2]
+    expected = expected_fuse(case)
+    fuse(case)
+    assert_storage_close(case, expected, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_project_matches_reference(device, dtype):
+    case = make_case(device=device, dtype=dtype, seed=42, padding=3, gates_open=[True, False, True, True])
+    case.fusers = [1, 2, 0, 3]
+    before = [t.clone() for t in case.receiver.storage]
+    projection, head_scale = torch.ops.c2c.project(*case.args(), "triton", False)
+    want_projection, want_scale = reference.project(case.receiver_caches, case.sharer_caches, case.receiver_slots,
+                                                    case.sharer_slots, case.weights, case.fusers)
+    valid = case.receiver_slots >= 0  # padding rows may hold anything
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(projection[:, valid], want_projection[:, valid], atol=tol, rtol=tol)
+    torch.testing.assert_close(head_scale[:, valid], want_scale[:, valid], atol=tol, rtol=tol)
+    assert torch.all(head_scale[0, valid] == 0), "a closed gate must give a zero head scale"
+    for got, was in zip(case.receiver.storage, before):
+        assert torch.equal(got, was), "project wrote the cache"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_merge_several_sharers(device, dtype):
+    """Parallel mode: S corrections per entry, from strided projection views, summed in order."""
+    case = make_case(layout="flashinfer_interleaved", device=device, dtype=dtype, seed=43, padding=2)
+    entries, sharers, tokens = len(case.receiver_caches), 2, case.receiver_slots.shape[0]
+    width, heads = case.weights.receiver_width, case.weights.receiver_heads
+    g = torch.Generator().manual_seed(7)
+    projections = torch.randn(tokens, entries * sharers, width, generator=g).to(device).unbind(1)  # strided rows
+    head_scales = list(torch.rand(entries * sharers, tokens, heads, generator=g).to(device).unbind(0))
+    expected = case.clone_receiver()
+    reference.merge(expected.receiver_caches, expected.receiver_slots, list(projections), head_scales)
+    torch.ops.c2c.merge(case.receiver_caches, case.receiver_slots, list(projections), head_scales, "triton", False)
+    assert_storage_close(case, expected, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_closed_gate_given_to_the_backend_leaves_the_cache_bit_identical(device):
+    case = make_case(device=device, dtype=torch.bfloat16, seed=44, gates_open=[True, False, False, True])
+    before = [t.clone() for t in case.receiver.storage]
+    triton_backend.fuse(case.receiver_caches, case.sharer_caches, case.receiver_slots, case.sharer_slots,
+                        case.weights, case.fusers)  # straight to the backend: no gate filtering above it
+    k0, v0 = case.receiver.kv[0]
+    k1, v1 = case.receiver.kv[1]
+    b_k0, b_v0 = before[0].unbind(0)  # vLLM NHD storage: [2, pages, page, heads, dim] per layer
+    b_k1, b_v1 = before[1].unbind(0)
+    assert torch.equal(v0, b_v0) and torch.equal(k1, b_k1), "a closed gate changed its cache"
+    assert not torch.equal(k0, b_k0) and not torch.equal(v1, b_v1), "an open gate left its cache alone"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pointer_tables_are_reused_per_set_of_caches(device):
+    from c2c_kernels.backends.triton import tables
+    case = make_case(device=device, seed=45)
+    first = tables.entry_table(case.receiver_caches, case.sharer_caches, case.fusers).rows
+    again = tables.entry_table(case.receiver_caches, case.sharer_caches, case.fusers).rows
+    assert again is first, "the same caches must reuse the uploaded table"
+    swapped = tables.entry_table(case.receiver_caches[::-1], case.sharer_caches[::-1], case.fusers).rows
+    assert swapped is not first
+    rc = case.receiver_caches[1]
+    assert swapped[2].tolist()[1:5] == [rc.data_ptr(), rc.stride(0), rc.stride(1), rc.stride(2)]
+
+
+# ---- GPU only ---------------------------------------------------------------------------------
+
+def workload_case(layout, dtype, seq_lens, layers=2, seed=50, **kw):
+    """Real head geometry of the first benchmark workload, hidden 1024, a few layers."""
+    (_, r_heads, r_dim), (_, s_heads, s_dim) = WORKLOADS["qwen3-0.6b+qwen2.5-0.5b"]
+    return make_case(layout=layout, layers=layers, receiver_heads=r_heads, receiver_dim=r_dim,
+                     sharer_heads=s_heads, sharer_dim=s_dim, hidden=1024, intermediate=1024,
+                     seq_lens=seq_lens, page_size=16, dtype=dtype, device="cuda", seed=seed, **kw)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("seq_lens", [(37,), (700, 301), (512,) * 4], ids=["short", "ragged", "paged4x512"])
+def test_workload_shapes(dtype, seq_lens):
+    case = workload_case("vllm_nhd", dtype, seq_lens, padding=5)
+    expected = expected_fuse(case)
+    fuse(case)
+    assert_storage_close(case, expected, dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", ["hf", "vllm_hnd", "flashinfer_interleaved", "sglang"])
+def test_workload_layouts(layout):
+    case = workload_case(layout, torch.bfloat16, (300, 90), padding=7)
+    expected = expected_fuse(case)
+    fuse(case)
+    assert_storage_close(case, expected, torch.bfloat16)
+
+
+@needs_gpu
+def test_sentinel_on_big_paged_pools():
+    case = workload_case("flashinfer_interleaved", torch.bfloat16, (400, 129, 33), padding=9)
+    before = [t.clone() for t in case.receiver.storage]
+    sharer_before = [t.clone() for t in case.sharer.storage]
+    fuse(case)
+    touched = torch.zeros_like(before[0], dtype=torch.bool)  # [pages, 2, page_size, H, D]
+    valid = case.receiver_slots[case.receiver_slots >= 0].long()
+    touched[valid // 16, :, valid % 16] = True
+    for got, was in zip(case.receiver.storage, before):
+        assert torch.equal(got[~touched], was[~touched]), "an element outside the receiver slots changed"
+    for got, was in zip(case.sharer.storage, sharer_before):
+        assert torch.equal(got, was)
+
+
+@needs_gpu
+def test_cuda_graph_capture_and_replay():
+    """Warm up, capture one fuse, then replay on fresh cache contents and new slots."""
+    case = workload_case("vllm_nhd", torch.bfloat16, (200, 56), padding=8)
+    pristine = [t.clone() for t in case.receiver.storage]
+    fuse(case)  # warm-up: autotuning, compilation and the pointer table
+    torch.cuda.synchronize()
+    for t, p in zip(case.receiver.storage, pristine):
+        t.copy_(p)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fuse(case)
+    for t, p in zip(case.receiver.storage, pristine):  # capturing does not run the kernels
+        t.copy_(p)
+    expected = expected_fuse(case)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_storage_close(case, expected, torch.bfloat16)
+
+    # New contents and a new token alignment in the same static tensors: the replay follows them.
+    valid = torch.nonzero(case.receiver_slots >= 0).squeeze(1)
+    new_sharer_slots = case.sharer_slots.clone()
+    new_sharer_slots[valid] = case.sharer_slots[valid[torch.randperm(valid.numel(), device="cuda")]]
+    case.sharer_slots.copy_(new_sharer_slots)
+    for t, p in zip(case.receiver.storage, pristine):
+        t.copy_(p * 0.5)
+    expected = expected_fuse(case)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_storage_close(case, expected, torch.bfloat16)
+
+
+@needs_gpu
+def test_new_caches_during_capture_are_refused_clearly():
+    case = workload_case("vllm_nhd", torch.bfloat16, (64,), layers=1, seed=51)
+    fuse(case)  # warm the kernels, but not for the copies below
+    other = case.clone_receiver()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="before capturing"):
+        with torch.cuda.graph(graph):
+            fuse(other)
