@@ -190,7 +190,10 @@ def test_generation_matches_reference_pipeline(tokenizers, backend, device, scen
             eos = want_tokens.index(receiver_tok.eos_token_id) + 1 if receiver_tok.eos_token_id in want_tokens \
                 else NEW_TOKENS
             assert tokens[b, :eos].tolist() == want_tokens[:eos], text
-            torch.testing.assert_close(logits[b, :eos], want_logits[:eos], atol=1e-4, rtol=1e-4)
+            # A backend's fused rows may differ from the reference by TOLERANCES[fp32]; attention
+            # over them moves the logits by about as much, so allow a few times that.
+            tol = 5 * TOLERANCES[torch.float32]
+            torch.testing.assert_close(logits[b, :eos], want_logits[:eos], atol=tol, rtol=tol)
             if len(encode(receiver_tok, text)[1]) > 1:  # the fusion changed what the receiver says
                 assert (logits[b, 0] - unfused_logits[b, 0]).abs().max() > 1e-2, text
 
