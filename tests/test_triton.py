@@ -69,14 +69,16 @@ def test_project_matches_reference(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_merge_several_sharers(device, dtype):
+@pytest.mark.parametrize("dtype,columns", [(torch.float32, 1), (torch.bfloat16, 1), (torch.float32, 2)],
+                         ids=["float32", "bfloat16", "strided-columns"])
+def test_merge_several_sharers(device, dtype, columns):
     """Parallel mode: S corrections per entry, from strided projection views, summed in order."""
     case = make_case(layout="flashinfer_interleaved", device=device, dtype=dtype, seed=43, padding=2)
     entries, sharers, tokens = len(case.receiver_caches), 2, case.receiver_slots.shape[0]
     width, heads = case.weights.receiver_width, case.weights.receiver_heads
     g = torch.Generator().manual_seed(7)
-    projections = torch.randn(tokens, entries * sharers, width, generator=g).to(device).unbind(1)  # strided rows
+    rows = torch.randn(tokens, entries * sharers, width * columns, generator=g).to(device)
+    projections = rows[..., ::columns].unbind(1)  # views: row stride != width, column stride `columns`
     head_scales = list(torch.rand(entries * sharers, tokens, heads, generator=g).to(device).unbind(0))
     expected = case.clone_receiver()
     reference.merge(expected.receiver_caches, expected.receiver_slots, list(projections), head_scales)
@@ -109,6 +111,43 @@ def test_pointer_tables_are_reused_per_set_of_caches(device):
     assert swapped is not first
     rc = case.receiver_caches[1]
     assert swapped[2].tolist()[1:5] == [rc.data_ptr(), rc.stride(0), rc.stride(1), rc.stride(2)]
+
+
+@pytest.mark.skipif(isinstance(triton_backend, str), reason="triton not importable")
+@pytest.mark.parametrize("gpu", ["hopper", "ampere-a100", "ampere-small-smem"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_config_choice(monkeypatch, gpu, dtype):
+    """The GPU-side tile choice (it only runs with a GPU, so it is exercised here by hand)."""
+    from c2c_kernels.backends.triton import configs
+    hopper, smem = {"hopper": (True, 232448), "ampere-a100": (False, 166912),
+                    "ampere-small-smem": (False, 101376)}[gpu]
+    monkeypatch.setattr(configs, "INTERPRET", False)
+    monkeypatch.setattr(configs, "_device_limits", lambda device: (hopper, smem))
+    monkeypatch.setattr(configs, "AUTOTUNE", True)
+    candidates = configs.configs()
+    weights = torch.empty(4, 1024, 1024, dtype=dtype)
+    size = weights.element_size()
+    for tokens in (1, 64, 200, 1024, 5000):
+        kept = configs.prune(candidates, {"w_ptr": weights, "m_bucket": configs.token_bucket(tokens)})
+        assert kept, "no config left"
+        for c in kept:
+            bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
+            assert (bm + bn) * bk * size * c.num_stages <= smem
+            assert c.kwargs["BM"] == 64 or tokens > 64, "short prompts stream weights with 64-row tiles"
+            assert c in candidates
+        if dtype == torch.float32:
+            assert len(kept) == 1
+        elif tokens > 1024:
+            assert all(c.kwargs["BM"] == 128 for c in kept)
+        small = configs.prune(candidates, {"w_ptr": weights[:, :64, :64], "m_bucket": 4096})
+        assert len(small) == 1, "tiny layers are not benchmarked"
+        for head_dim in (64, 128, 96):
+            fixed = configs.fixed(tokens, head_dim, torch.device("cpu"), size)
+            assert (fixed["BM"] + fixed["BN"]) * fixed["BK"] * size * fixed["num_stages"] <= smem
+            if head_dim % 64 == 0 and size == 2:
+                assert head_dim % fixed["BN"] == 0, "the in-place epilogue should see one head per tile"
+    logit_candidates = configs.configs(configs.LOGIT_BN)
+    assert {c.kwargs["BN"] for c in logit_candidates} == {configs.LOGIT_BN}
 
 
 # ---- GPU only ---------------------------------------------------------------------------------

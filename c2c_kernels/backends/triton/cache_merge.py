@@ -14,7 +14,7 @@ from . import configs
 from ._common import head_columns, load_view, slot_rows
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tokens"])
 def merge_kernel(
     receiver_table_ptr, contribution_table_ptr, receiver_slots_ptr,
     tokens, width, head_dim, page_size, sharers,

@@ -7,13 +7,21 @@ busy; long prompts are bound by the tensor cores, so large-T configs use the usu
 tiles with deep pipelines. The autotuner picks among the configs left for a call's token
 bucket and GPU (pruned by architecture, bucket and shared memory), once per bucket, N, K and
 dtype; the bucket keeps a serving loop with varying T from re-tuning at every new length.
+Each list is ordered best guess first: that config is used without benchmarking for small
+layers (N*K <= 256*256, where the choice hardly matters but compiling every candidate would)
+and for everything when ``C2C_TRITON_AUTOTUNE=0``.
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
 
 from ._common import INTERPRET
+
+AUTOTUNE = os.environ.get("C2C_TRITON_AUTOTUNE", "1") != "0"
 
 # (BM, BN, BK, num_warps, num_stages)
 HOPPER = (
@@ -67,8 +75,14 @@ def configs(fixed_bn: int | None = None) -> list[triton.Config]:
 
 def _device_limits(device: torch.device) -> tuple[bool, int]:
     """(is Hopper or newer, shared memory per block in bytes)."""
-    major, _ = torch.cuda.get_device_capability(device)
-    props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _limits_of(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _limits_of(index: int) -> tuple[bool, int]:
+    major, _ = torch.cuda.get_device_capability(index)
+    props = triton.runtime.driver.active.utils.get_device_properties(index)
     return major >= 9, props["max_shared_mem"]
 
 
@@ -91,7 +105,9 @@ def prune(configs_, named_args, **kwargs):
     small = [c for c in kept if c.kwargs["BM"] == 64]
     large = [c for c in kept if c.kwargs["BM"] > 64]
     chosen = small if bucket <= 64 else small + large if bucket <= 256 else large or small
-    return chosen or kept or configs_[:1]
+    chosen = chosen or kept or configs_[:1]
+    tiny = named_args["w_ptr"].shape[-1] * named_args["w_ptr"].shape[-2] <= 256 * 256
+    return chosen if AUTOTUNE and not tiny else chosen[:1]
 
 
 def fixed(tokens: int, head_dim: int, device: torch.device, element_size: int) -> dict:

@@ -16,7 +16,7 @@ from . import configs
 from ._common import ENTRY_FUSER, ENTRY_WIDTH, mma, tile_coords
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tokens", "m_bucket"])  # one binary for every token count
 def ffn_down_kernel(
     table_ptr, h_ptr, w_ptr, residual_ptr, out_ptr, head_w_ptr, logits_ptr,
     tokens, width, k_in, heads, stride_w_f, stride_w_n, stride_w_k,

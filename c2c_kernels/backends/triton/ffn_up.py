@@ -16,7 +16,7 @@ from . import configs
 from ._common import ENTRY_FUSER, ENTRY_WIDTH, RMS_EPS, gelu_erf, mma, tile_coords
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tokens", "m_bucket"])  # one binary for every token count
 def ffn_up_kernel(
     table_ptr, z_ptr, norm_ptr, w_ptr, out_ptr,
     tokens, width, k_in, stride_norm_f, stride_norm_k, stride_w_f, stride_w_n, stride_w_k,

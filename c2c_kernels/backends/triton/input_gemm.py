@@ -31,7 +31,7 @@ def _gathered_times_weight(acc, base, rows, valid, stride_head, head_dim, width,
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tokens", "m_bucket"])  # one binary for every token count
 def input_gemm_kernel(
     table_ptr, receiver_slots_ptr, sharer_slots_ptr, w_sharer_ptr, w_ptr, bias_ptr, out_ptr,
     tokens, hidden, sharer_width, receiver_width,

@@ -31,7 +31,7 @@ def _head_logits(logits_ptr, head_bias, entry, tok, head, mask, tokens, heads, l
     return logit
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tokens", "m_bucket"])  # one binary for every token count
 def output_gemm_kernel(
     table_ptr, receiver_slots_ptr, p_ptr, w_ptr, bias_ptr, logits_ptr, head_bias_ptr, gate_ptr,
     projection_ptr, head_scale_ptr,
