@@ -266,6 +266,7 @@ def test_fuse_caches_errors_name_the_argument():
     (lambda w, s, x: fuse_rows(s, x, w, [2, 3]), r"fusers\[1\] = 3"),
     (lambda w, s, x: fuse_rows(s, x[:1], w, [2, 0]), "receiver_rows: 1 entries"),
     (lambda w, s, x: fuse_rows([s[0][:3], s[1]], x, w, [2, 0]), r"sharer_rows\[0\]: 3 tokens"),
+    (lambda w, s, x: fuse_rows(s, x, w._replace(w_out=w.w_out[:, 1:]), [2, 0]), "weights.w_out"),
     (lambda w, s, x: fuse_rows(s, x, w, [2, 0], dropout_p=1.0), "dropout_p"),
     (lambda w, s, x: fuse_rows(s, x, w, [2, 0], temperature=0.0), "temperature"),
     (lambda w, s, x: fuse_rows(s, x, w, [2, 0], backend="cuda"), "backend"),
@@ -274,6 +275,16 @@ def test_errors_name_the_argument(call, match):
     w, s, x, _, _ = make_problem("base")
     with pytest.raises(ValueError, match=match):
         call(w, s, x)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(CUDA, reason="CPU"))])
+def test_no_tokens(backend):
+    w, s, x, fusers, _ = make_problem("base")
+    params = leaves(w)
+    out = fuse_rows([t[:0] for t in s], [t[:0] for t in x], params, fusers, backend=backend)
+    assert out.shape == (2, 0, w.receiver_width)
+    out.sum().backward()
+    assert all(float(t.grad.abs().max()) == 0 for t in params)
 
 
 def test_trainer_schedule_eval_and_export():

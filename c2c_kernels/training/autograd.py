@@ -97,7 +97,7 @@ def _gate(run: Run, gate_logit, gen, tokens: int, heads: int, device) -> torch.T
 
 
 def _entry_forward(run: Run, w: FuserWeights, s, x, gen, out) -> list[torch.Tensor]:
-    """Writes entry's fused rows into ``out``; returns what the backward needs (see
+    """Writes the entry's fused rows into ``out``; returns what the backward needs (see
     :func:`_unpack`): ``[u0, u1 .. u_B, w, y, logits]`` plus, without recompute, the hidden
     pre-activations of FFN_1, the weight branch and the projection blocks."""
     ops, dtype, p = run.ops, run.compute_dtype, run.p
@@ -124,7 +124,7 @@ def _entry_forward(run: Run, w: FuserWeights, s, x, gen, out) -> list[torch.Tens
     return [u0, *path, head, y, logits] + ([] if run.recompute else hiddens)
 
 
-def _unpack(run: Run, blocks: int, saved):
+def _unpack(blocks: int, saved):
     """``(u0, path [u1 .. u_B], head, y, logits, hiddens)``; hiddens are Nones with recompute."""
     u0, rest = saved[0], saved[1:]
     path, (head, y, logits), hiddens = rest[:blocks], rest[blocks:blocks + 3], rest[blocks + 3:]
@@ -198,7 +198,7 @@ def _entry_backward(run: Run, w: FuserWeights, f: int, s, x, saved, dout, gen, s
     ops, dtype, p = run.ops, run.compute_dtype, run.p
     tokens, device = s.shape[0], s.device
     blocks = w.ffn_w1.shape[0]
-    u0, path, head, y, logits, hiddens = _unpack(run, blocks, saved)
+    u0, path, head, y, logits, hiddens = _unpack(blocks, saved)
     keeps = _draw_keeps(run, gen, tokens, u0.shape[1], blocks, device)
     gate = _gate(run, w.gate_logit, gen, tokens, logits.shape[1], device)
 
@@ -251,11 +251,12 @@ class FuserTrainingFunction(torch.autograd.Function):
         out = torch.empty(len(run.fusers), *x0.shape, dtype=x0.dtype, device=device)
         saved = []
         cast = CastWeights(weights, run.compute_dtype)
-        for i, f in enumerate(run.fusers):
+        ctx.entries = run.fusers if x0.shape[0] else ()  # no tokens: nothing to compute
+        for i, f in enumerate(ctx.entries):
             s, x = sharer_rows[i], receiver_rows[i].contiguous()
             saved += [s, x, *_entry_forward(run, cast(f), s, x, gen, out[i])]
         ctx.run = run
-        ctx.per_entry = len(saved) // max(len(run.fusers), 1)
+        ctx.per_entry = len(saved) // max(len(ctx.entries), 1)
         ctx.save_for_backward(*params, *saved)
         return out
 
@@ -265,10 +266,10 @@ class FuserTrainingFunction(torch.autograd.Function):
         run, n = ctx.run, len(FuserWeights._fields)
         saved = ctx.saved_tensors
         weights = FuserWeights(*saved[:n])
-        sink = GradSink(weights, ctx.needs_input_grad[3:], run.fusers)
+        sink = GradSink(weights, ctx.needs_input_grad[3:], ctx.entries)
         gen = noise.replay(ctx.rng_state, grad_out.device) if ctx.rng_state is not None else None
         cast = CastWeights(weights, run.compute_dtype)
-        for i, f in enumerate(run.fusers):
+        for i, f in enumerate(ctx.entries):
             s, x, *entry = saved[n + i * ctx.per_entry: n + (i + 1) * ctx.per_entry]
             dout = grad_out[i].to(x.dtype).contiguous()
             _entry_backward(run, cast(f), f, s, x, entry, dout, gen, sink)

@@ -105,6 +105,7 @@ def fuse_rows(sharer_rows, receiver_rows, weights: FuserWeights, fusers, *, trai
     """
     single = isinstance(fusers, int)
     fusers = [fusers] if single else [int(f) for f in fusers]
+    c2c_ops.check_weights(_stand_in(weights, torch.float32))  # shapes and devices agree
     sharer_rows = _row_list("sharer_rows", sharer_rows, len(fusers))
     receiver_rows = _row_list("receiver_rows", receiver_rows, len(fusers))
     check_rows(sharer_rows, receiver_rows, weights, fusers)
@@ -125,8 +126,8 @@ def fuse_rows(sharer_rows, receiver_rows, weights: FuserWeights, fusers, *, trai
 
 
 def _stand_in(weights: FuserWeights, dtype: torch.dtype) -> list[Tensor]:
-    """Zero-memory tensors with the weights' shapes in the caches' dtype, for ``ops``' checks
-    (trained weights may be fp32 master copies of a bf16 cache's fuser)."""
+    """Zero-memory tensors with the weights' shapes in ``dtype``, for ``ops``' checks (trained
+    weights may be fp32 master copies of a bf16 cache's fuser, or float64 for gradcheck)."""
     return [torch.zeros((), dtype=torch.float32 if name == "gate_logit" else dtype, device=t.device).expand(t.shape)
             for name, t in zip(FuserWeights._fields, weights)]
 
