@@ -14,4 +14,6 @@ def unavailable() -> str | None:
 
 def has_cuda_kernels() -> bool:
     import torch
-    return _error is None and hasattr(torch.ops.c2c_native, "fuse_cuda")
+    # python/cuda_ops.cpp registers the CUDA kernels of the c2c_native ops when the extension
+    # was compiled with CUDA; ask the dispatcher rather than probing for an op name.
+    return _error is None and torch._C._dispatch_has_kernel_for_dispatch_key("c2c_native::fuse", "CUDA")

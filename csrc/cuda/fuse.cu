@@ -1,0 +1,416 @@
+// Orchestration of the CUDA backend: torch.ops.c2c_native.fuse / project / merge on CUDA.
+//
+// A call's tokens go through the fuser in chunks (a bounded workspace), every stage batched
+// over all entries of the call:
+//   gather sharer and receiver rows -> [R, n, Ks], [R, n, Kt]          (gather_norm.cu)
+//   u = S Wis^T + X Wir^T (+ b_in, RMSNorm)                             (batched_linear.cu + row epilogue)
+//   FFN_1; then the weight branch (FFN_w, W_head, gate, sigmoid) and the projection branch
+//   (n - 2 FFN blocks, W_out), each FFN = GEMM, GELU, GEMM, fused residual/RMSNorm epilogue
+//   merge into the cache (fuse) or write the fp32 projection (project)  (merge.cu)
+// All launches go to the current stream; nothing waits for the device or copies host data to
+// it, so a call can be captured in a CUDA graph. The hard gate is read by the kernels.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <cstdlib>
+
+#include "cuda/batched_linear.h"
+#include "cuda/fuse_cuda.h"
+#include "cuda/torch_params.h"
+
+namespace c2c::cuda {
+namespace {
+
+// The 14 stacked tensors of c2c_kernels.FuserWeights, in order.
+enum Weight {
+  kWInSharer, kWInReceiver, kBIn, kFfnNorm, kFfnW1, kFfnW2, kHeadNorm, kHeadW1, kHeadW2,
+  kWHead, kBHead, kWOut, kBOut, kGateLogit, kNumWeights
+};
+
+// Activations of one token chunk stay under this many bytes (the GEMMs are efficient long
+// before: with 48 entries and H = I = 1024 a chunk still holds about 1500 tokens), unless
+// the environment variable C2C_CUDA_WORKSPACE_BYTES says otherwise. A chunk holds at least
+// kMinChunkTokens tokens, below which the batched GEMMs lose their efficiency.
+constexpr int64_t kWorkspaceBytes = int64_t{1} << 30;
+constexpr int64_t kMinChunkTokens = 256;
+
+int64_t workspace_budget() {
+  const char* value = std::getenv("C2C_CUDA_WORKSPACE_BYTES");
+  const long long parsed = value != nullptr ? std::strtoll(value, nullptr, 10) : 0;
+  return parsed > 0 ? parsed : kWorkspaceBytes;
+}
+constexpr int kRowEpilogueMaxWidth = 8 * 1024;  // gather_norm.cu keeps 8 values per thread
+
+// A validated call, unpacked once.
+struct Call {
+  std::vector<at::Tensor> receivers, sharers, w;
+  at::Tensor receiver_slots, sharer_slots;
+  std::vector<int64_t> fusers;
+  std::vector<FuserRun> runs;
+  int64_t entries, tokens, hidden, inner, blocks, heads, head_dim, sharer_heads, sharer_head_dim;
+};
+
+Call unpack(const std::vector<at::Tensor>& receiver_caches, const std::vector<at::Tensor>& sharer_caches,
+            const at::Tensor& receiver_slots, const at::Tensor& sharer_slots, const std::vector<at::Tensor>& weights,
+            const std::vector<int64_t>& fusers) {
+  TORCH_CHECK(weights.size() == kNumWeights, "weights: expected the ", int(kNumWeights),
+              " stacked tensors of FuserWeights, got ", weights.size());
+  const int64_t entries = static_cast<int64_t>(receiver_caches.size());
+  TORCH_CHECK(static_cast<int64_t>(sharer_caches.size()) == entries && static_cast<int64_t>(fusers.size()) == entries,
+              "receiver_caches, sharer_caches and fusers must have one entry per fused cache: got ", entries, ", ",
+              sharer_caches.size(), " and ", fusers.size());
+  Call c;
+  c.w.reserve(kNumWeights);
+  for (const at::Tensor& t : weights) c.w.push_back(t);
+  // The row kernels walk bias and norm vectors with unit stride.
+  for (int i : {kBIn, kFfnNorm, kHeadNorm, kBHead, kBOut}) c.w[i] = unit_inner_stride(c.w[i]);
+  const at::Device device = c.w[kWInSharer].device();
+  const at::ScalarType dtype = c.w[kWInSharer].scalar_type();
+  TORCH_CHECK(device.is_cuda(), "weights: expected CUDA tensors, got ", device);
+  TORCH_CHECK(c.w[kGateLogit].scalar_type() == at::kFloat && c.w[kGateLogit].dim() == 1,
+              "weights.gate_logit: expected a 1-D float32 tensor");
+  for (int i = 0; i < kNumWeights; ++i) {
+    TORCH_CHECK(c.w[i].device() == device, "weights[", i, "]: on ", c.w[i].device(), ", expected ", device);
+    TORCH_CHECK(i == kGateLogit || c.w[i].scalar_type() == dtype, "weights[", i, "]: dtype ", c.w[i].scalar_type(),
+                ", expected ", dtype);
+  }
+  const int64_t num_fusers = c.w[kWInSharer].size(0);
+  for (size_t i = 0; i < fusers.size(); ++i) {
+    TORCH_CHECK(fusers[i] >= 0 && fusers[i] < num_fusers, "fusers[", i, "] = ", fusers[i],
+                " is out of range: the weights stack ", num_fusers, " fusers");
+  }
+  c.hidden = c.w[kWInSharer].size(1);
+  c.inner = c.w[kFfnW1].size(2);
+  c.blocks = c.w[kFfnW1].size(1);
+  c.heads = c.w[kWHead].size(1);
+  TORCH_CHECK(c.blocks >= 2, "weights.ffn_w1: expected >= 2 FFN blocks, got ", c.blocks);
+  TORCH_CHECK(c.hidden <= kRowEpilogueMaxWidth, "weights: hidden width ", c.hidden,
+              " is above the CUDA backend's limit of ", kRowEpilogueMaxWidth);
+  for (int64_t i = 0; i < entries; ++i) {
+    check_cache_view(receiver_caches[i], "receiver_caches", i, dtype, device);
+    check_cache_view(sharer_caches[i], "sharer_caches", i, dtype, device);
+    TORCH_CHECK(receiver_caches[i].sizes() == receiver_caches[0].sizes() &&
+                    sharer_caches[i].sizes() == sharer_caches[0].sizes(),
+                "receiver_caches/sharer_caches[", i, "]: every entry must share one pool geometry");
+  }
+  check_slots(receiver_slots, "receiver_slots", device);
+  check_slots(sharer_slots, "sharer_slots", device);
+  TORCH_CHECK(sharer_slots.size(0) == receiver_slots.size(0), "sharer_slots: ", sharer_slots.size(0),
+              " slots, expected one per receiver slot (", receiver_slots.size(0), ")");
+  if (entries > 0) {
+    TORCH_CHECK(receiver_caches[0].size(2) * receiver_caches[0].size(3) == c.w[kWInReceiver].size(2) &&
+                    receiver_caches[0].size(2) == c.heads,
+                "receiver_caches: ", receiver_caches[0].size(2), " heads x ", receiver_caches[0].size(3),
+                " dims do not match the fuser's receiver width");
+    TORCH_CHECK(sharer_caches[0].size(2) * sharer_caches[0].size(3) == c.w[kWInSharer].size(2),
+                "sharer_caches: ", sharer_caches[0].size(2), " heads x ", sharer_caches[0].size(3),
+                " dims do not match the fuser's sharer width");
+    c.head_dim = receiver_caches[0].size(3);
+    c.sharer_heads = sharer_caches[0].size(2);
+    c.sharer_head_dim = sharer_caches[0].size(3);
+  }
+  c.receivers = receiver_caches;
+  c.sharers = sharer_caches;
+  c.receiver_slots = receiver_slots;
+  c.sharer_slots = sharer_slots;
+  c.fusers = fusers;
+  c.runs = fuser_runs(fusers);
+  c.entries = entries;
+  c.tokens = receiver_slots.size(0);
+  return c;
+}
+
+// Where a chunk's results go: merged into the receiver caches, or written to project's outputs.
+struct Sink {
+  bool merge;
+  at::Tensor projection;  // [R, T, Kt] fp32 (project only)
+  at::Tensor head_scale;  // [R, T, Ht] fp32 (project only)
+};
+
+// Dense activation buffers of one token chunk, [R, n, width] each.
+struct Workspace {
+  at::Tensor sharer_rows, receiver_rows, gemm_out, residual, norm_a, norm_b, inner, logits, head_scale;
+
+  static int64_t bytes_per_row(const Call& c, int64_t element) {
+    const int64_t ks = c.sharer_heads * c.sharer_head_dim, kt = c.heads * c.head_dim;
+    return element * (ks + kt + 3 * c.hidden + std::max(c.inner, c.hidden) + c.heads) + 4 * (c.hidden + c.heads);
+  }
+
+  Workspace(const Call& c, int64_t tokens, const at::TensorOptions& options) {
+    const int64_t r = c.entries;
+    const auto fp32 = options.dtype(at::kFloat);
+    sharer_rows = at::empty({r * tokens * c.sharer_heads * c.sharer_head_dim}, options);
+    receiver_rows = at::empty({r * tokens * c.heads * c.head_dim}, options);
+    gemm_out = at::empty({r * tokens * c.hidden}, options);
+    residual = at::empty({r * tokens * c.hidden}, fp32);
+    norm_a = at::empty({r * tokens * c.hidden}, options);
+    norm_b = at::empty({r * tokens * c.hidden}, options);
+    inner = at::empty({r * tokens * std::max(c.inner, c.hidden)}, options);
+    logits = at::empty({r * tokens * c.heads}, options);
+    head_scale = at::empty({r * tokens * c.heads}, fp32);
+  }
+};
+
+// The first `tokens` rows' worth of a flat buffer as a dense [R, tokens, width] tensor.
+at::Tensor dense(const at::Tensor& flat, int64_t entries, int64_t tokens, int64_t width) {
+  return flat.narrow(0, 0, entries * tokens * width).view({entries, tokens, width});
+}
+
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  return static_cast<const T*>(t.data_ptr());
+}
+template <typename T>
+T* mutable_ptr(const at::Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+
+FuserTable fuser_table(const Call& c, int64_t begin, int64_t count) {
+  FuserTable table{};
+  for (int64_t i = 0; i < count; ++i) table.fuser[i] = static_cast<int32_t>(c.fusers[begin + i]);
+  return table;
+}
+
+// Checks that a launch's flat thread index (32-bit in the kernels) cannot overflow.
+void check_index_range(int64_t work, const char* what) {
+  TORCH_CHECK(work < (int64_t{1} << 31), "c2c: ", what, " covers ", work,
+              " elements in one launch, above the CUDA backend's limit of 2^31; split the call");
+}
+
+template <typename T>
+class Pipeline {
+ public:
+  Pipeline(const Call& c, cudaStream_t stream) : c_(c), stream_(stream) {}
+
+  void run_chunk(int64_t first, int64_t tokens, const Workspace& ws, const Sink& sink) {
+    n_ = tokens;
+    const int64_t ks = c_.sharer_heads * c_.sharer_head_dim, kt = c_.heads * c_.head_dim, h = c_.hidden;
+    const at::Tensor sharer_rows = dense(ws.sharer_rows, c_.entries, n_, ks);
+    const at::Tensor receiver_rows = dense(ws.receiver_rows, c_.entries, n_, kt);
+    const at::Tensor gemm_out = dense(ws.gemm_out, c_.entries, n_, h);
+    const at::Tensor residual = dense(ws.residual, c_.entries, n_, h);
+    const at::Tensor norm_a = dense(ws.norm_a, c_.entries, n_, h);
+    const at::Tensor norm_b = dense(ws.norm_b, c_.entries, n_, h);
+    const at::Tensor logits = dense(ws.logits, c_.entries, n_, c_.heads);
+    const at::Tensor& w_ffn_norm = c_.w[kFfnNorm];
+
+    gather(c_.sharers, c_.sharer_slots, first, sharer_rows, c_.sharer_heads, c_.sharer_head_dim);
+    gather(c_.receivers, c_.receiver_slots, first, receiver_rows, c_.heads, c_.head_dim);
+
+    // u = S Wis^T + X Wir^T + b_in; residual = u; norm_a = RMSNorm_0(u)
+    batched_linear(gemm_out, sharer_rows, c_.w[kWInSharer], c_.runs, false);
+    batched_linear(gemm_out, receiver_rows, c_.w[kWInReceiver], c_.runs, true);
+    RowEpilogueParams<T> in{};
+    in.delta = ptr<T>(gemm_out);
+    in.bias = ptr<T>(c_.w[kBIn]);
+    in.bias_fuser_stride = c_.w[kBIn].stride(0);
+    in.residual_out = mutable_ptr<float>(residual);
+    set_norm(in, 0, norm_a, w_ffn_norm, 0);
+    row_epilogue(in);
+
+    // FFN_1, then u feeds both branches: norm_a = head_norm(u), norm_b = ffn_norm_1(u)
+    ffn(norm_a, c_.w[kFfnW1].select(1, 0), c_.w[kFfnW2].select(1, 0), ws, gemm_out);
+    RowEpilogueParams<T> split{};
+    split.residual = ptr<float>(residual);
+    split.delta = ptr<T>(gemm_out);
+    split.residual_out = mutable_ptr<float>(residual);
+    set_norm(split, 0, norm_a, c_.w[kHeadNorm], -1);
+    set_norm(split, 1, norm_b, w_ffn_norm, 1);
+    row_epilogue(split);
+
+    // Weight branch: w = u + FFN_w(u) (the residual stays u for the projection branch),
+    // head_scale = G * sigmoid(W_head w + b_head)
+    ffn(norm_a, c_.w[kHeadW1], c_.w[kHeadW2], ws, gemm_out);
+    RowEpilogueParams<T> head{};
+    head.residual = ptr<float>(residual);
+    head.delta = ptr<T>(gemm_out);
+    head.plain_out = mutable_ptr<T>(norm_a);
+    row_epilogue(head);
+    batched_linear(logits, norm_a, c_.w[kWHead], c_.runs, false);
+    BiasEpilogueParams<T> scale{};
+    scale.in = ptr<T>(logits);
+    scale.bias = ptr<T>(c_.w[kBHead]);
+    scale.bias_fuser_stride = c_.w[kBHead].stride(0);
+    scale.gate = ptr<float>(c_.w[kGateLogit]);
+    scale.gate_stride = c_.w[kGateLogit].stride(0);
+    if (sink.merge) {
+      scale.out = mutable_ptr<float>(ws.head_scale);
+      scale.out_entry_stride = n_ * c_.heads;
+    } else {
+      scale.out = mutable_ptr<float>(sink.head_scale) + first * c_.heads;
+      scale.out_entry_stride = c_.tokens * c_.heads;
+    }
+    scale.out_row_stride = c_.heads;
+    bias_epilogue(scale, c_.heads);
+
+    // Projection branch: p = u, then blocks 1 .. B-1; the last writes p in the cache dtype.
+    for (int64_t b = 1; b < c_.blocks; ++b) {
+      ffn(norm_b, c_.w[kFfnW1].select(1, b), c_.w[kFfnW2].select(1, b), ws, gemm_out);
+      RowEpilogueParams<T> block{};
+      block.residual = ptr<float>(residual);
+      block.delta = ptr<T>(gemm_out);
+      if (b + 1 < c_.blocks) {
+        block.residual_out = mutable_ptr<float>(residual);
+        set_norm(block, 0, norm_b, w_ffn_norm, b + 1);
+      } else {
+        block.plain_out = mutable_ptr<T>(norm_b);
+      }
+      row_epilogue(block);
+    }
+    const at::Tensor projection = receiver_rows;  // the receiver rows are consumed: reuse the buffer
+    batched_linear(projection, norm_b, c_.w[kWOut], c_.runs, false);
+
+    if (sink.merge) {
+      merge_projection(first, projection, ws.head_scale);
+    } else {
+      BiasEpilogueParams<T> out{};
+      out.in = ptr<T>(projection);
+      out.bias = ptr<T>(c_.w[kBOut]);
+      out.bias_fuser_stride = c_.w[kBOut].stride(0);
+      out.out = mutable_ptr<float>(sink.projection) + first * kt;
+      out.out_entry_stride = c_.tokens * kt;
+      out.out_row_stride = kt;
+      bias_epilogue(out, kt);
+    }
+  }
+
+ private:
+  void gather(const std::vector<at::Tensor>& views, const at::Tensor& slots, int64_t first, const at::Tensor& out,
+              int64_t heads, int64_t head_dim) {
+    check_index_range(n_ * heads * head_dim, "a gather");
+    for_each_entry_group(c_.entries, kGatherMaxEntries, [&](int64_t begin, int64_t count) {
+      GatherParams<T> p{};
+      for (int64_t i = 0; i < count; ++i) {
+        p.views[i] = cache_view<T>(views[begin + i]);
+        p.vectorized[i] = vectorizable<T>(views[begin + i]) && aligned16(out.data_ptr());
+      }
+      p.out = mutable_ptr<T>(out) + begin * n_ * heads * head_dim;
+      p.slots = slot_list(slots, first);
+      p.receiver_slots = slot_list(c_.receiver_slots, first);
+      p.tokens = static_cast<int32_t>(n_);
+      p.heads = static_cast<int32_t>(heads);
+      p.head_dim = static_cast<int32_t>(head_dim);
+      launch_gather(p, static_cast<int>(count), stream_);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  // norm_out[k] = RMSNorm(z) * scale, scale = weights[fuser] (block < 0) or weights[fuser, block].
+  void set_norm(RowEpilogueParams<T>& p, int k, const at::Tensor& out, const at::Tensor& scales, int64_t block) {
+    p.norm_out[k] = mutable_ptr<T>(out);
+    p.norm_scale[k] = ptr<T>(scales) + (block < 0 ? 0 : block * scales.stride(1));
+    p.norm_fuser_stride[k] = scales.stride(0);
+  }
+
+  void row_epilogue(RowEpilogueParams<T> p) {
+    p.tokens = static_cast<int32_t>(n_);
+    p.width = static_cast<int32_t>(c_.hidden);
+    for_each_entry_group(c_.entries, kMaxEntriesPerLaunch, [&](int64_t begin, int64_t count) {
+      p.entry_begin = static_cast<int32_t>(begin);
+      p.fusers = fuser_table(c_, begin, count);
+      launch_row_epilogue(p, static_cast<int>(count), stream_);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  void bias_epilogue(BiasEpilogueParams<T> p, int64_t width) {
+    check_index_range(n_ * width, "a bias epilogue");
+    p.tokens = static_cast<int32_t>(n_);
+    p.width = static_cast<int32_t>(width);
+    for_each_entry_group(c_.entries, kMaxEntriesPerLaunch, [&](int64_t begin, int64_t count) {
+      p.entry_begin = static_cast<int32_t>(begin);
+      p.fusers = fuser_table(c_, begin, count);
+      launch_bias_epilogue(p, static_cast<int>(count), stream_);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  // out = W2 gelu(W1 x) for every entry; w1 [P, I, H], w2 [P, H, I].
+  void ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const Workspace& ws,
+           const at::Tensor& out) {
+    const at::Tensor inner = dense(ws.inner, c_.entries, n_, w1.size(1));
+    batched_linear(inner, x, w1, c_.runs, false);
+    launch_gelu(mutable_ptr<T>(inner), inner.numel(), stream_);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    batched_linear(out, inner, w2, c_.runs, false);
+  }
+
+  // x += head_scale * (projection + b_out) at the receiver slots of this chunk.
+  void merge_projection(int64_t first, const at::Tensor& projection, const at::Tensor& head_scale) {
+    constexpr int64_t V = vector_width<T>();
+    const int64_t kt = c_.heads * c_.head_dim;
+    check_index_range(n_ * c_.heads * ((c_.head_dim + V - 1) / V), "a merge");
+    const at::Tensor& b_out = c_.w[kBOut];
+    for_each_entry_group(c_.entries, kMergeMaxEntries, [&](int64_t begin, int64_t count) {
+      MergeParams<T, T> p{};
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t e = begin + i;
+        MergeSource<T, T>& src = p.sources[i];
+        src.projection = ptr<T>(projection) + e * n_ * kt;
+        src.projection_row_stride = kt;
+        src.head_scale = ptr<float>(head_scale) + e * n_ * c_.heads;
+        src.head_scale_row_stride = c_.heads;
+        src.bias = ptr<T>(b_out) + c_.fusers[e] * b_out.stride(0);
+        p.views[i] = cache_view<T>(c_.receivers[e]);
+        // The projection rows are dense and 16-byte aligned when the head rows are whole vectors.
+        p.vectorized[i] = vectorizable<T>(c_.receivers[e]) && aligned16(src.projection) && aligned16(src.bias);
+      }
+      p.slots = slot_list(c_.receiver_slots, first);
+      p.tokens = static_cast<int32_t>(n_);
+      p.sharers = 1;
+      p.heads = static_cast<int32_t>(c_.heads);
+      p.head_dim = static_cast<int32_t>(c_.head_dim);
+      launch_merge(p, static_cast<int>(count), stream_);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  const Call& c_;
+  cudaStream_t stream_;
+  int64_t n_ = 0;
+};
+
+// Runs the fuser over all tokens of the call in workspace-bounded chunks.
+void run(const Call& c, const Sink& sink) {
+  if (c.entries == 0 || c.tokens == 0) return;
+  const at::TensorOptions options = c.w[kWInSharer].options();
+  const int64_t per_token = c.entries * Workspace::bytes_per_row(c, c.w[kWInSharer].element_size());
+  const int64_t chunk = std::min(c.tokens, std::max(kMinChunkTokens, workspace_budget() / per_token));
+  const Workspace ws(c, chunk, options);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_cache_dtype(c.w[kWInSharer].scalar_type(), "weights", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    Pipeline<T> pipeline(c, stream);
+    for (int64_t first = 0; first < c.tokens; first += chunk) {
+      pipeline.run_chunk(first, std::min(chunk, c.tokens - first), ws, sink);
+    }
+  });
+}
+
+}  // namespace
+
+void fuse(const std::vector<at::Tensor>& receiver_caches, const std::vector<at::Tensor>& sharer_caches,
+          const at::Tensor& receiver_slots, const at::Tensor& sharer_slots, const std::vector<at::Tensor>& weights,
+          const std::vector<int64_t>& fusers) {
+  const c10::cuda::CUDAGuard guard(receiver_slots.device());
+  const Call c = unpack(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers);
+  run(c, Sink{true, {}, {}});
+}
+
+std::tuple<at::Tensor, at::Tensor> project(const std::vector<at::Tensor>& receiver_caches,
+                                           const std::vector<at::Tensor>& sharer_caches,
+                                           const at::Tensor& receiver_slots, const at::Tensor& sharer_slots,
+                                           const std::vector<at::Tensor>& weights,
+                                           const std::vector<int64_t>& fusers) {
+  const c10::cuda::CUDAGuard guard(receiver_slots.device());
+  const Call c = unpack(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers);
+  const auto fp32 = receiver_slots.options().dtype(at::kFloat);
+  const int64_t kt = c.w[kWOut].size(1);
+  Sink sink{false, at::empty({c.entries, c.tokens, kt}, fp32), at::empty({c.entries, c.tokens, c.heads}, fp32)};
+  run(c, sink);
+  return {sink.projection, sink.head_scale};
+}
+
+}  // namespace c2c::cuda

@@ -1,0 +1,262 @@
+"""The CUDA C++ backend beyond the shared matrix of test_ops.py (which runs its fuse on every
+layout, dtype and shape once a GPU is visible).
+
+Without a GPU: the extension registers CUDA kernels for the three native ops (when it was
+built with CUDA) and the backend says why it cannot run. With a GPU: the standalone merge on
+every layout, its 16-byte and scalar paths, project, the sentinel, entry groups and token
+chunks, a non-default stream, CUDA-graph capture and replay, bitwise determinism.
+"""
+import pytest
+import torch
+
+from c2c_kernels import _native, backends, reference
+from c2c_kernels.testing import LAYOUTS, TOLERANCES, make_case
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# The merge rounds once, like the reference; only the fp32 operation order (a fused
+# multiply-add) differs, which can move a result by one unit in the last place of the dtype.
+MERGE_TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def _gpu_skip_reason():
+    if not torch.cuda.is_available():
+        return "no GPU"
+    module = backends._load("cuda")
+    return module if isinstance(module, str) else None
+
+
+requires_cuda_backend = pytest.mark.skipif(_gpu_skip_reason() is not None, reason=str(_gpu_skip_reason()))
+
+
+# ---- without a GPU -----------------------------------------------------------------------------
+
+@pytest.mark.skipif(not _native.has_cuda_kernels(),
+                    reason="c2c_kernels._C was built without CUDA kernels (C2C_NO_CUDA=1 or no CUDA toolkit)")
+@pytest.mark.parametrize("op", ["fuse", "project", "merge"])
+def test_extension_registers_cuda_kernels(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"c2c_native::{op}", "CUDA")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_backend_unavailable_without_gpu_says_why():
+    reason = backends._load("cuda")
+    assert isinstance(reason, str) and ("CUDA" in reason or "native extension" in reason), reason
+    assert "cuda" not in backends.available()
+    case = make_case(seed=1)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available: .+"):
+        torch.ops.c2c.fuse(*case.args(), "cuda", False)
+
+
+def test_cpu_tensors_are_refused_with_a_clear_error():
+    """Unavailable (no GPU) or on the wrong device: an error naming the backend, never a crash."""
+    case = make_case(seed=2)
+    with pytest.raises((RuntimeError, ValueError), match="backend 'cuda'"):
+        torch.ops.c2c.fuse(*case.args(), "cuda", False)
+    with pytest.raises((RuntimeError, ValueError), match="backend 'cuda'"):
+        torch.ops.c2c.merge(case.receiver_caches, case.receiver_slots,
+                            [torch.zeros(len(case.receiver_slots), 32)] * len(case.receiver_caches),
+                            [torch.zeros(len(case.receiver_slots), 4)] * len(case.receiver_caches), "cuda", False)
+
+
+# ---- with a GPU --------------------------------------------------------------------------------
+
+def merge_inputs(receiver_caches, receiver_slots, sharers, *, seed=0, closed_entry=None):
+    """Random fp32 corrections, S sharers per entry; every gate of one entry closed if asked."""
+    g = torch.Generator().manual_seed(seed)
+    t, ht, dt = receiver_slots.shape[0], receiver_caches[0].shape[2], receiver_caches[0].shape[3]
+    device = receiver_slots.device
+    projections, head_scales = [], []
+    for entry in range(len(receiver_caches)):
+        for _ in range(sharers):
+            projections.append(torch.randn(t, ht * dt, generator=g).to(device))
+            scale = torch.rand(t, ht, generator=g) * (entry != closed_entry)
+            head_scales.append(scale.to(device))
+    return projections, head_scales
+
+
+def restore(storage, saved):
+    for t, s in zip(storage, saved):
+        t.copy_(s)
+
+
+def whole_storage(view):
+    """Every element of the memory under a view, as one flat tensor aliasing it."""
+    return torch.empty(0, dtype=view.dtype, device=view.device).set_(view.untyped_storage())
+
+
+def slot_rows_mask(views, slots):
+    """Per storage (by address): a flat bool mask of the elements in the rows of the valid slots."""
+    masks = {}
+    valid = slots[slots >= 0].long()
+    for view in views:
+        key = view.untyped_storage().data_ptr()
+        if key not in masks:
+            masks[key] = torch.zeros(whole_storage(view).numel(), dtype=torch.bool, device=view.device)
+        rows = torch.as_strided(masks[key], view.shape, view.stride(), view.storage_offset())
+        rows[valid // view.shape[1], valid % view.shape[1]] = True
+    return masks
+
+
+def check_merge(views, slots, projections, head_scales, dtype):
+    """The CUDA merge against the reference on the same start: the slots' rows within tolerance,
+    every other element of the storages bit for bit unchanged."""
+    storages = {v.untyped_storage().data_ptr(): whole_storage(v) for v in views}
+    start = {k: t.clone() for k, t in storages.items()}
+    torch.ops.c2c.merge(views, slots, projections, head_scales, "cuda", False)
+    got = {k: t.clone() for k, t in storages.items()}
+    for k, t in storages.items():
+        t.copy_(start[k])
+    reference.merge(views, slots, projections, head_scales)
+    tol = MERGE_TOLERANCES[dtype]
+    for key, rows in slot_rows_mask(views, slots).items():
+        torch.testing.assert_close(got[key][rows].float(), storages[key][rows].float(), atol=tol, rtol=tol)
+        assert torch.equal(got[key][~rows], start[key][~rows]), "an element outside the receiver slots changed"
+
+
+def check_fuse(case, dtype):
+    expected = case.clone_receiver()
+    reference.fuse(expected.receiver_caches, expected.sharer_caches, expected.receiver_slots,
+                   expected.sharer_slots, expected.weights, expected.fusers)
+    torch.ops.c2c.fuse(*case.args(), "cuda", False)
+    tol = TOLERANCES[dtype]
+    for got, want in zip(case.receiver.storage, expected.receiver.storage):
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sharers", [1, 3])
+def test_merge_every_layout(layout, dtype, sharers):
+    case = make_case(layout=layout, dtype=dtype, device="cuda", seed=4, receiver_heads=4, receiver_dim=16,
+                     seq_lens=(9, 5, 1), padding=3)
+    projections, head_scales = merge_inputs(case.receiver_caches, case.receiver_slots, sharers, seed=4,
+                                            closed_entry=1)
+    check_merge(case.receiver_caches, case.receiver_slots, projections, head_scales, dtype)
+
+
+def _paged(pages, page_size, heads, head_dim, dtype, *, misalign=False, seed=0):
+    """A FlashInfer-NHD-like [pages, page_size, heads, head_dim] cache; `misalign` starts it one
+    element past a 16-byte boundary, so only the scalar path may touch it."""
+    g = torch.Generator().manual_seed(seed)
+    numel = pages * page_size * heads * head_dim
+    flat = torch.randn(numel + 1, generator=g).to("cuda", dtype)
+    return (flat[1:] if misalign else flat[:numel]).view(pages, page_size, heads, head_dim)
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("path", ["vector", "scalar_misaligned", "scalar_odd_head_dim", "vector_strided_projection",
+                                  "transposed_projection"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_vector_and_scalar_paths(path, dtype):
+    head_dim = 6 if path == "scalar_odd_head_dim" else 16
+    pages, page_size, heads = 6, 4, 3
+    views = [_paged(pages, page_size, heads, head_dim, dtype, misalign=path == "scalar_misaligned", seed=layer)
+             for layer in range(2)]
+    slots = torch.tensor([5, -1, 0, 17, 9, 22, -1, 3, 12], device="cuda")
+    t, width = len(slots), heads * head_dim
+    g = torch.Generator().manual_seed(7)
+    if path == "vector_strided_projection":  # rows of a wider tensor: row stride 2 * width
+        projections = [torch.randn(t, 2 * width, generator=g).to("cuda")[:, :width] for _ in views]
+    elif path == "transposed_projection":  # non-unit column stride: the backend makes it dense
+        projections = [torch.randn(width, t, generator=g).to("cuda").T for _ in views]
+    else:
+        projections = [torch.randn(t, width, generator=g).to("cuda") for _ in views]
+    head_scales = [torch.rand(t, heads, generator=g).to("cuda") for _ in views]
+    check_merge(views, slots, projections, head_scales, dtype)
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_project_matches_reference(dtype):
+    case = make_case(layout="vllm_hnd", dtype=dtype, device="cuda", seed=12, gates_open=[True, False, True, True])
+    projection, head_scale = torch.ops.c2c.project(*case.args(), "cuda", False)
+    want_projection, want_scale = reference.project(case.receiver_caches, case.sharer_caches, case.receiver_slots,
+                                                    case.sharer_slots, case.weights, case.fusers)
+    valid = case.receiver_slots >= 0  # padding rows may hold anything
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(projection[:, valid], want_projection[:, valid], atol=tol, rtol=tol)
+    torch.testing.assert_close(head_scale[:, valid], want_scale[:, valid], atol=tol, rtol=tol)
+    assert torch.equal(head_scale[1, valid], torch.zeros_like(head_scale[1, valid])), "a closed gate leaked"
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fuse_realistic_widths(dtype):
+    """Head dims and widths of real models (16-byte paths everywhere), GQA both ways."""
+    case = make_case(layout="vllm_nhd", sharer_layout="flashinfer_hnd", dtype=dtype, device="cuda", seed=15,
+                     layers=3, receiver_heads=8, receiver_dim=128, sharer_heads=2, sharer_dim=64, page_size=16,
+                     hidden=256, intermediate=512, seq_lens=(130, 61, 200), padding=5)
+    check_fuse(case, dtype)
+
+
+@requires_cuda_backend
+def test_fuse_many_entries_and_token_chunks(monkeypatch):
+    """More entries than one launch's parameter block holds, and a workspace small enough to
+    split the tokens into chunks (the minimum chunk is 256 tokens)."""
+    monkeypatch.setenv("C2C_CUDA_WORKSPACE_BYTES", "1")
+    case = make_case(layout="sglang", device="cuda", seed=17, layers=34, hidden=32, intermediate=16,
+                     seq_lens=(300, 290), padding=7)
+    check_fuse(case, torch.float32)
+
+
+@requires_cuda_backend
+def test_fuse_runs_on_the_current_stream():
+    case = make_case(dtype=torch.bfloat16, device="cuda", seed=18)
+    expected = case.clone_receiver()
+    reference.fuse(expected.receiver_caches, expected.sharer_caches, expected.receiver_slots,
+                   expected.sharer_slots, expected.weights, expected.fusers)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.ops.c2c.fuse(*case.args(), "cuda", False)
+    side.synchronize()
+    for got, want in zip(case.receiver.storage, expected.receiver.storage):
+        torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_graph_capture_and_replay(dtype):
+    case = make_case(layout="vllm_nhd", dtype=dtype, device="cuda", seed=21, padding=2,
+                     gates_open=[True, True, False, True])
+    start = [t.clone() for t in case.receiver.storage]
+    expected = case.clone_receiver()
+    reference.fuse(expected.receiver_caches, expected.sharer_caches, expected.receiver_slots,
+                   expected.sharer_slots, expected.weights, expected.fusers)
+    side = torch.cuda.Stream()  # warm up (cuBLAS handles, allocator) off the capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.ops.c2c.fuse(*case.args(), "cuda", False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.c2c.fuse(*case.args(), "cuda", False)
+    results = []
+    for _ in range(2):
+        restore(case.receiver.storage, start)
+        graph.replay()
+        torch.cuda.synchronize()
+        results.append([t.clone() for t in case.receiver.storage])
+    tol = TOLERANCES[dtype]
+    for got, want in zip(results[0], expected.receiver.storage):
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    for first, second in zip(*results):
+        assert torch.equal(first, second), "two replays differ"
+
+
+@requires_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bitwise_deterministic(dtype):
+    case = make_case(layout="flashinfer_nhd", dtype=dtype, device="cuda", seed=23, receiver_dim=16, hidden=128,
+                     intermediate=96, seq_lens=(40, 17))
+    start = [t.clone() for t in case.receiver.storage]
+    runs = []
+    for _ in range(3):
+        restore(case.receiver.storage, start)
+        torch.ops.c2c.fuse(*case.args(), "cuda", False)
+        projection, head_scale = torch.ops.c2c.project(*case.args(), "cuda", False)
+        runs.append(([t.clone() for t in case.receiver.storage], projection, head_scale))
+    for storage, projection, head_scale in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(storage, runs[0][0])), "fuse differs between runs"
+        assert torch.equal(projection, runs[0][1]) and torch.equal(head_scale, runs[0][2]), "project differs"
