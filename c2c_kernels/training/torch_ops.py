@@ -1,8 +1,9 @@
 """The CPU path: the fused steps of training in plain PyTorch ops.
 
 Same interface as :mod:`c2c_kernels.training.kernels` (the Triton path). Where the reference
-has an op sequence (RMSNorm, dropout, the merge) the same sequence is used, so fp32 results
-match it bit for bit; the rest works in place on temporaries the caller hands over.
+has an op sequence (RMSNorm, dropout, the merge) the same arithmetic is used, in the same
+order. Temporaries are updated in place where that is safe: on a CPU every fresh large buffer
+costs page faults, which cost more than the arithmetic of these ops.
 """
 from __future__ import annotations
 
@@ -17,22 +18,29 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _rstd(zf: torch.Tensor) -> torch.Tensor:
+    return torch.rsqrt(zf.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+
+
 def rms_norm(z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     acc = accumulation_dtype(z.dtype)
     zf = z.to(acc)
-    return (zf * torch.rsqrt(zf.pow(2).mean(-1, keepdim=True) + RMS_EPS) * scale.to(acc)).to(z.dtype)
+    return (zf * _rstd(zf)).mul_(scale.to(acc)).to(z.dtype)
 
 
 def rms_norm_backward(dn, z, scale, residual_grad):
-    """``(dz, dscale)`` in the accumulation dtype; ``dz`` includes the residual's gradient."""
+    """``(dz, dscale)`` in the accumulation dtype; ``dz`` includes the residual's gradient.
+    ``dn`` (a temporary) may be overwritten."""
     acc = accumulation_dtype(z.dtype)
     zf = z.to(acc)
-    rstd = torch.rsqrt(zf.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+    rstd = _rstd(zf)
     normed = zf * rstd
-    dnf = dn.to(acc)
-    dscale = (dnf * normed).sum(0)
-    v = dnf * scale.to(acc)
-    dz = (v - normed * (v * normed).mean(-1, keepdim=True)) * rstd
+    v = dn.to(acc)
+    product = v * normed
+    dscale = product.sum(0)
+    v.mul_(scale.to(acc))  # dn * scale
+    mean_vn = torch.mul(v, normed, out=product).mean(-1, keepdim=True)
+    dz = v.sub_(normed.mul_(mean_vn)).mul_(rstd)  # (v - normed * mean(v * normed)) * rstd
     return dz.add_(residual_grad), dscale
 
 
@@ -56,7 +64,7 @@ def dropout_grad(dout, keep, p: float, dtype):
     """The gradient of ``y`` in ``dropout_add`` (rounded to the GEMM dtype)."""
     if keep is None:
         return dout.to(dtype)
-    return (dout * keep / (1.0 - p)).to(dtype)
+    return (dout * keep).div_(1.0 - p).to(dtype)
 
 
 def gated_merge(x, y, head_logits, gate, out) -> None:
