@@ -28,7 +28,8 @@ def merge_kernel(
     slot = tl.load(receiver_slots_ptr + tok, mask=tok < tokens, other=-1).to(tl.int64)
     mask = (slot >= 0)[:, None] & col_mask[None, :]
     base, r_page, r_entry, r_head = load_view(receiver_table_ptr, entry * 4, CACHE_DTYPE, VEC)
-    x_ptrs = base + slot_rows(slot, page_size, r_page, r_entry, VEC)[:, None] + head_columns(cols, head_dim, r_head, VEC)[None, :]
+    rows = slot_rows(slot, page_size, r_page, r_entry, VEC)
+    x_ptrs = base + rows[:, None] + head_columns(cols, head_dim, r_head, VEC)[None, :]
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     col_head = cols // head_dim
     tok64 = tok.to(tl.int64)
@@ -41,7 +42,8 @@ def merge_kernel(
         else:
             y_cols = cols * tl.load(part + 2)
         y = tl.load(projection + tok64[:, None] * tl.load(part + 1) + y_cols[None, :], mask=mask, other=0.0)
-        a = tl.load(scale + tok64[:, None] * tl.load(part + 4) + col_head[None, :] * tl.load(part + 5), mask=mask, other=0.0)
+        scale_at = tok64[:, None] * tl.load(part + 4) + col_head[None, :] * tl.load(part + 5)
+        a = tl.load(scale + scale_at, mask=mask, other=0.0)
         x += a * y
     tl.store(x_ptrs, x.to(CACHE_DTYPE), mask=mask)
 

@@ -49,13 +49,13 @@ def ffn_down_kernel(
     if HEAD_LOGITS:
         head = tl.arange(0, HEADS_PAD)
         head_mask = head < heads
-        w_head = tl.load(head_w_ptr + fuser * stride_hw_f + head[None, :] * stride_hw_h + cols[:, None] * stride_hw_k,
-                         mask=col_mask[:, None] & head_mask[None, :], other=0.0)
+        w_head = head_w_ptr + fuser * stride_hw_f + head[None, :] * stride_hw_h + cols[:, None] * stride_hw_k
+        w_head = tl.load(w_head, mask=col_mask[:, None] & head_mask[None, :], other=0.0)
         # Round w to the activation dtype first, as every other stage input is.
         w_tile = acc.to(out_ptr.dtype.element_ty)
         partial = mma(w_tile, w_head, tl.zeros((BM, HEADS_PAD), dtype=tl.float32), DOT_DTYPE)
-        logits = logits_ptr + ((entry * num_n + tile_n) * tokens + tok).to(tl.int64)[:, None] * heads + head[None, :]
-        tl.store(logits, partial, mask=tok_mask[:, None] & head_mask[None, :])
+        logit_rows = logits_ptr + ((entry * num_n + tile_n) * tokens + tok).to(tl.int64) * heads
+        tl.store(logit_rows[:, None] + head[None, :], partial, mask=tok_mask[:, None] & head_mask[None, :])
     else:
         tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
 
@@ -65,7 +65,8 @@ def ffn_down_kernel(
 _key = ["m_bucket", "width", "k_in"]
 _prune = {"early_config_prune": configs.prune}
 _tuned = triton.autotune(configs.configs(), key=_key, prune_configs_by=_prune)(ffn_down_kernel)
-_tuned_logits = triton.autotune(configs.configs(configs.LOGIT_BN), key=_key, prune_configs_by=_prune)(ffn_down_kernel)
+_tuned_logits = triton.autotune(configs.configs(configs.LOGIT_BN), key=_key,
+                                prune_configs_by=_prune)(ffn_down_kernel)
 
 
 def heads_pad(heads: int) -> int:

@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._common import ENTRY_FUSER, ENTRY_RECEIVER, ENTRY_SHARER, ENTRY_WIDTH, load_view, head_columns, mma, slot_rows, tile_coords
+from ._common import (ENTRY_FUSER, ENTRY_RECEIVER, ENTRY_SHARER, ENTRY_WIDTH, head_columns, load_view, mma,
+                      slot_rows, tile_coords)
 
 
 @triton.jit
@@ -65,7 +66,8 @@ def input_gemm_kernel(
                                  w_ptr + fuser * stride_w_f, cols, col_mask, stride_w_n, stride_w_k,
                                  DOT_DTYPE, RECEIVER_VEC, BK)
 
-    acc += tl.load(bias_ptr + fuser * stride_bias_f + cols * stride_bias_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    bias = tl.load(bias_ptr + fuser * stride_bias_f + cols * stride_bias_n, mask=col_mask, other=0.0)
+    acc += bias.to(tl.float32)[None, :]
     out = out_ptr + (entry * tokens + tok).to(tl.int64)[:, None] * hidden + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(tok < tokens)[:, None] & col_mask[None, :])
 

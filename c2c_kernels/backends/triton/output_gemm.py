@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._common import ENTRY_FUSER, ENTRY_RECEIVER, ENTRY_WIDTH, head_columns, load_view, mma, slot_rows, tile_coords
+from ._common import (ENTRY_FUSER, ENTRY_RECEIVER, ENTRY_WIDTH, head_columns, load_view, mma, slot_rows,
+                      tile_coords)
 
 
 @triton.jit
@@ -38,8 +39,9 @@ def output_gemm_kernel(
     tokens, width, k_in, heads, head_dim, page_size, logit_chunks,
     stride_w_f, stride_w_n, stride_w_k, stride_bias_f, stride_bias_n, stride_hb_f, stride_hb_h,
     m_bucket,  # autotuning key only
-    WRITE_CACHE: tl.constexpr, ONE_HEAD: tl.constexpr, CACHE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, VEC: tl.constexpr,
-    HEADS_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    WRITE_CACHE: tl.constexpr, ONE_HEAD: tl.constexpr, CACHE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    VEC: tl.constexpr, HEADS_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     entry, tile_m, tile_n = tile_coords(tl.program_id(0), tl.cdiv(tokens, BM), tl.cdiv(width, BN), GROUP_M)
     entry_row = table_ptr + entry * ENTRY_WIDTH
@@ -57,7 +59,8 @@ def output_gemm_kernel(
         a = tl.load(p_rows + k[None, :], mask=tok_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(w + k[:, None] * stride_w_k, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = mma(a, b, acc, DOT_DTYPE)
-    acc += tl.load(bias_ptr + fuser * stride_bias_f + cols * stride_bias_n, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    bias = tl.load(bias_ptr + fuser * stride_bias_f + cols * stride_bias_n, mask=col_mask, other=0.0)
+    acc += bias.to(tl.float32)[None, :]
 
     # One copy of the gate per token row (the interpreter cannot AND a scalar into a block mask).
     gate_open = tl.load(gate_ptr + fuser + tl.zeros((BM,), dtype=tl.int64)) > 0
@@ -89,7 +92,8 @@ def output_gemm_kernel(
                                  tl.broadcast_to(tok[:, None], (BM, HEADS_PAD)), head, mask, tokens, heads,
                                  logit_chunks)
             scale = tl.where(gate_open[:, None], tl.sigmoid(logit), 0.0)
-            tl.store(head_scale_ptr + (entry * tokens + tok).to(tl.int64)[:, None] * heads + head, scale, mask=mask)
+            scale_rows = head_scale_ptr + (entry * tokens + tok).to(tl.int64)[:, None] * heads
+            tl.store(scale_rows + head, scale, mask=mask)
 
 
 # Grid: one program per (entry, token tile, output-column tile), entry-major. The projection
@@ -111,8 +115,8 @@ def launch(table, receiver_slots, receiver_view, p, weights, logits, *, cache_dt
             p if write_cache else projection, p if write_cache else head_scale,
             tokens, width, k_in, heads, receiver_view.shape[3], receiver_view.shape[1], logits.shape[1],
             *w.stride(), *bias.stride(), *head_bias.stride(), configs.token_bucket(tokens))
-    meta = dict(WRITE_CACHE=write_cache, ONE_HEAD=False, CACHE_DTYPE=cache_dtype, DOT_DTYPE=dot_dtype, VEC=vec,
-                HEADS_PAD=max(16, triton.next_power_of_2(heads)))
+    meta = dict(WRITE_CACHE=write_cache, ONE_HEAD=False, CACHE_DTYPE=cache_dtype, DOT_DTYPE=dot_dtype,
+                VEC=vec, HEADS_PAD=max(16, triton.next_power_of_2(heads)))
 
     def grid(m):
         return (entries * triton.cdiv(tokens, m["BM"]) * triton.cdiv(width, m["BN"]),)

@@ -52,7 +52,8 @@ def run(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, f
 
     ffn_block(0, u, z)
     ffn_up.launch(table, z, weights.head_norm, weights.head_w1, h_head, dot_dtype=mma_dtype)
-    ffn_down.launch_head_logits(table, h_head, weights.head_w2, z, weights.w_head, logits, dot_dtype=mma_dtype)
+    ffn_down.launch_head_logits(table, h_head, weights.head_w2, z, weights.w_head, logits,
+                                dot_dtype=mma_dtype)
     current, spare = z, u
     for block in range(1, weights.num_blocks):
         ffn_block(block, current, spare)
@@ -64,7 +65,9 @@ def run(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, f
 
 
 def merge(receiver_caches, receiver_slots, projections, head_scales) -> None:
+    """``c2c::merge`` in one launch (cache_merge.py)."""
     receiver_table, contribution_table, vec = tables.merge_tables(receiver_caches, projections, head_scales)
     cache_merge.launch(receiver_table, contribution_table, receiver_slots, receiver_caches[0],
-                       len(projections) // len(receiver_caches), cache_dtype=TL_DTYPES[receiver_caches[0].dtype],
-                       vec=vec, unit_columns=all(p.stride(1) == 1 for p in projections))
+                       len(projections) // len(receiver_caches),
+                       cache_dtype=TL_DTYPES[receiver_caches[0].dtype], vec=vec,
+                       unit_columns=all(p.stride(1) == 1 for p in projections))

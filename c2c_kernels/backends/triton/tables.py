@@ -81,7 +81,8 @@ def entry_table(receiver_caches, sharer_caches, fusers) -> EntryTable:
 
     def build():
         rows = [[f, rp, *rs[:3], sp, *ss[:3]] for f, (rp, rs), (sp, ss) in zip(fusers, receivers, sharers)]
-        return rows, ENTRY_WIDTH.value, (vector_width(receivers, r_shape, size), vector_width(sharers, s_shape, size))
+        vecs = (vector_width(receivers, r_shape, size), vector_width(sharers, s_shape, size))
+        return rows, ENTRY_WIDTH.value, vecs
 
     key = ("entry", device, size, r_shape, s_shape, tuple(fusers), receivers, sharers)
     table, (receiver_vec, sharer_vec) = _cached(key, device, build)
@@ -93,11 +94,13 @@ def merge_tables(receiver_caches, projections, head_scales) -> tuple[torch.Tenso
     contributions (address, row stride, column stride of each projection, then of its head
     scales), and the receiver views' vector width."""
     receivers = _addresses(receiver_caches)
-    shape, size, device = receiver_caches[0].shape, receiver_caches[0].element_size(), receiver_caches[0].device
+    first = receiver_caches[0]
+    shape, size, device = first.shape, first.element_size(), first.device
     receiver_table, vec = _cached(
         ("receivers", device, size, shape, receivers), device,
         lambda: ([[p, *s[:3]] for p, s in receivers], 4, vector_width(receivers, shape, size)))
-    parts = tuple([(p.data_ptr(), *p.stride(), a.data_ptr(), *a.stride()) for p, a in zip(projections, head_scales)])
+    parts = tuple([(p.data_ptr(), *p.stride(), a.data_ptr(), *a.stride())
+                   for p, a in zip(projections, head_scales)])
     contribution_table, _ = _cached(("contributions", device, parts), device, lambda: (list(parts), 6, None))
     return receiver_table, contribution_table, vec
 
