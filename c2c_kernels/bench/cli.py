@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"c2c-bench on {meta['device_name']}: measuring peaks ...", file=sys.stderr, flush=True)
     peaks = peaks_mod.measure(plan.dtypes, device)
     save = (lambda rows: report.write_json(args.json, meta, peaks, rows)) if args.json else None
-    rows = run(plan, peaks, on_row=save)  # the JSON grows row by row: a killed run keeps its rows
+    rows = run(plan, peaks, on_rows=save)  # the JSON grows as it goes: a killed run keeps its rows
     print(report.table(rows))
     matmul = ", ".join(f"{d} {v:.3g}" for d, v in peaks["matmul_tflops"].items())
     print(f"\npeaks measured in this run: matmul TFLOP/s {matmul}; copy {peaks['copy_gbs']:.0f} GB/s. "

@@ -1,6 +1,6 @@
 """The benchmark loop: for every workload x dtype x token count, check each contender against
-the reference, time it, and turn the timing into a row (throughput, fraction of the roofline
-bound, speedup over eager)."""
+the reference, time the ones that ran, and turn each timing into a row (throughput, fraction
+of the roofline bound, speedup over eager)."""
 from __future__ import annotations
 
 import traceback
@@ -12,7 +12,7 @@ from . import runners
 from .peaks import dtype_name
 from .progress import progress
 from .report import roofline_ms
-from .timing import time_call
+from .timing import Timing, time_gpu, time_interleaved
 from .workloads import Workload, build_inputs
 
 
@@ -34,8 +34,7 @@ class Plan:
 
 
 def _error(e: BaseException, debug: bool) -> str:
-    text = f"{type(e).__name__}: {e}".strip()
-    return traceback.format_exc() if debug else text
+    return traceback.format_exc() if debug else f"{type(e).__name__}: {e}".strip()
 
 
 def _row(inputs, name: str) -> dict:
@@ -45,24 +44,58 @@ def _row(inputs, name: str) -> dict:
             "total_tokens": inputs.total_tokens, "median_ms": None, "spread_ms": None, "min_ms": None,
             "samples": 0, "first_call_ms": None, "tflops": None, "gbs": None, "peak_fraction": None,
             "roofline_ms": None, "speedup": None, "correct": None, "max_abs_err": None,
-            "flops": inputs.flops(), "bytes": inputs.bytes(),
-            "weight_bytes": inputs.weight_bytes(), "error": None}
+            "flops": inputs.flops(), "bytes": inputs.bytes(), "weight_bytes": inputs.weight_bytes(),
+            "error": None}
 
 
-def _measure(inputs, name: str, expected, plan: Plan, peaks: dict) -> dict:
+def _check(inputs, name: str, expected, plan: Plan) -> dict:
+    """The contender's first call, on a clean copy, compared with the reference."""
     row = _row(inputs, name)
     try:
         got, first_s = runners.fused_rows(name, inputs)
-        row["first_call_ms"] = first_s * 1e3
-        if expected is not None:
-            check = runners.compare(got, expected, inputs.dtype)
-            row["correct"], row["max_abs_err"] = check.correct, check.max_abs_err
-        del got
-        timing = time_call(runners.make_call(name, inputs), inputs.device, min_time_s=plan.min_time_s,
-                           first_call_s=first_s)
     except Exception as e:  # a broken backend is a row with its error, not the end of the run
         row["error"] = _error(e, plan.debug)
         return row
+    row["first_call_ms"] = first_s * 1e3
+    if expected is not None:
+        check = runners.compare(got, expected, inputs.dtype)
+        row["correct"], row["max_abs_err"] = check.correct, check.max_abs_err
+    return row
+
+
+def _time(inputs, rows: list[dict], plan: Plan, peaks: dict) -> None:
+    """Time every contender that ran: one after the other with do_bench on a GPU (the device is
+    the run's own), interleaved rounds of wall clock on a CPU (other processes share it)."""
+    calls, timings, errors = {}, {}, {}
+    for row in rows:
+        if row["error"] is not None:
+            continue
+        name = row["backend"]
+        try:
+            calls[name] = runners.make_call(name, inputs)
+            if inputs.device.type == "cpu" and row["first_call_ms"] < 1e3:
+                calls[name]()  # warm-up; a call that took over a second was warm-up enough
+        except Exception as e:  # noqa: BLE001  (reported in the row)
+            calls.pop(name, None)
+            errors[name] = _error(e, plan.debug)
+    if inputs.device.type == "cuda":
+        for name, call in calls.items():
+            try:
+                timings[name] = time_gpu(call, rep_ms=max(100.0, 1e3 * plan.min_time_s))
+            except Exception as e:  # noqa: BLE001  (reported in the row)
+                errors[name] = _error(e, plan.debug)
+    else:
+        timings, failed = time_interleaved(calls, min_time_s=plan.min_time_s)
+        errors.update(failed)
+    for row in rows:
+        name = row["backend"]
+        if name in errors:
+            row["error"] = errors[name]
+        elif name in timings:
+            _fill(row, timings[name], peaks)
+
+
+def _fill(row: dict, timing: Timing, peaks: dict) -> None:
     seconds = timing.median_ms / 1e3
     row.update(median_ms=timing.median_ms, spread_ms=timing.spread_ms, min_ms=timing.min_ms,
                samples=timing.samples, tflops=row["flops"] / seconds / 1e12, gbs=row["bytes"] / seconds / 1e9)
@@ -70,7 +103,6 @@ def _measure(inputs, name: str, expected, plan: Plan, peaks: dict) -> dict:
     if peak:
         row["roofline_ms"] = roofline_ms(row["flops"], row["bytes"], peak, peaks["copy_gbs"])
         row["peak_fraction"] = row["roofline_ms"] / timing.median_ms
-    return row
 
 
 def _speedups(rows: list[dict]) -> None:
@@ -85,11 +117,11 @@ def _config(r: dict):
     return (r["workload"], r["dtype"], r["layout"], r["layers"], r["requests"], r["tokens"])
 
 
-def run(plan: Plan, peaks: dict, on_row=None) -> list[dict]:
-    """Every row of the plan; ``on_row(rows)`` after each one (for partial results of long runs)."""
+def run(plan: Plan, peaks: dict, on_rows=None) -> list[dict]:
+    """Every row of the plan; ``on_rows(rows)`` after each token count (partial results)."""
     configs = [(w, layers, dtype, tokens) for w, layers in zip(plan.workloads, plan.layers)
                for dtype in plan.dtypes for tokens in plan.tokens]
-    bar = progress(len(configs) * (len(plan.contenders) + plan.check), plan.show_progress)
+    bar = progress(len(configs) * (len(plan.contenders) + plan.check + 1), plan.show_progress)
     rows = []
     try:
         for workload, layers, dtype, tokens in configs:
@@ -102,15 +134,20 @@ def run(plan: Plan, peaks: dict, on_row=None) -> list[dict]:
                 bar.set_description(f"{label}: reference")
                 expected, _ = runners.fused_rows("reference", inputs)
                 bar.update()
+            group = []
             for name in plan.contenders:
-                bar.set_description(f"{label}: {name}")
-                rows.append(_measure(inputs, name, expected, plan, peaks))
+                bar.set_description(f"{label}: checking {name}")
+                group.append(_check(inputs, name, expected, plan))
                 bar.update()
-                if on_row:
-                    _speedups(rows)
-                    on_row(rows)
-            del inputs, expected
+            del expected
+            bar.set_description(f"{label}: timing")
+            _time(inputs, group, plan, peaks)
+            bar.update()
+            rows += group
+            _speedups(rows)
+            if on_rows:
+                on_rows(rows)
+            del inputs, group
     finally:
         bar.close()
-    _speedups(rows)
     return rows

@@ -89,10 +89,27 @@ def time_gpu(call: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float
     return Timing.of(samples)
 
 
-def time_call(call: Callable[[], object], device: torch.device, *, min_time_s: float = 0.5,
-              first_call_s: float = 0.0) -> Timing:
-    """Time ``call`` on ``device``. ``first_call_s`` (the checked call's time) sizes the CPU
-    warm-up: a call that took over a second needs none after its check run."""
-    if device.type == "cuda":
-        return time_gpu(call, rep_ms=max(100.0, 1e3 * min_time_s))
-    return time_cpu(call, min_time_s=min_time_s, warmup=0 if first_call_s > 1.0 else 1)
+def time_interleaved(calls: dict[str, Callable[[], object]], *, min_time_s: float = 0.5,
+                     min_samples: int = 3, max_samples: int = 100) -> tuple[dict[str, Timing], dict[str, str]]:
+    """Wall clock on the CPU, one call of each contender per round, so that load from other
+    processes (a shared machine) falls on all of them alike. Stops after ``min_samples`` rounds
+    once ``min_time_s`` per contender has passed. Returns timings and the errors of any
+    contender that raised (it leaves the rounds)."""
+    samples = {name: [] for name in calls}
+    errors: dict[str, str] = {}
+    live = dict(calls)
+    start, rounds = time.perf_counter(), 0
+    while live and rounds < max_samples:
+        for name, call in list(live.items()):
+            t0 = time.perf_counter()
+            try:
+                call()
+            except Exception as e:  # noqa: BLE001  (reported in the row)
+                errors[name] = f"{type(e).__name__}: {e}"
+                del live[name]
+                continue
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+        if rounds >= min_samples and time.perf_counter() - start >= min_time_s * max(len(live), 1):
+            break
+    return {name: Timing.of(s) for name, s in samples.items() if name not in errors and s}, errors
