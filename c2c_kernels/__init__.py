@@ -13,8 +13,16 @@ from .weights import FuserWeights, random_weights
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # Training pulls in autograd machinery and Triton kernels: load it on first use only.
+    if name == "FuserTrainer":
+        from .training import FuserTrainer
+        return FuserTrainer
+    raise AttributeError(f"module 'c2c_kernels' has no attribute {name!r}")
+
 __all__ = [
     "fuse", "fuse_all", "project", "merge", "load_checkpoint", "save_checkpoint", "make_checkpoint",
     "last_aligned_map", "Checkpoint", "CheckpointError", "FusedLayer", "FuserParams", "FuserWeights",
-    "random_weights", "available_backends", "layouts", "reference",
+    "random_weights", "available_backends", "layouts", "reference", "FuserTrainer",
 ]
