@@ -74,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--reference", action="store_true", help="also time the (slow) reference backend")
     w.add_argument("--seed", type=int, default=0, help="weights and caches come from this seed (0)")
     h = p.add_argument_group("how")
+    h.add_argument("--threads", type=_positive, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's own; 1 gives steadier numbers on a "
+                        "machine other jobs share)")
     h.add_argument("--no-check", action="store_true", help="skip the check against the reference")
     h.add_argument("--min-time", type=float, default=None, metavar="S",
                    help="time each contender for at least S seconds (0.5 on a CPU, 0.1 on a GPU)")
@@ -187,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     device = _device(args, p)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.list:
         _list(device)
         return 0
