@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import shlex
 import sys
@@ -172,6 +173,17 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _warn_if_busy(device: torch.device) -> None:
+    """OpenMP threads on an oversubscribed CPU stall each other: say so before the numbers."""
+    if device.type != "cpu" or torch.get_num_threads() == 1 or not hasattr(os, "getloadavg"):
+        return
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores:
+        print(f"c2c-bench: warning: load average {load:.1f} on {cores} cores; other processes compete for "
+              f"the CPU and {torch.get_num_threads()} threads per op will stall each other (--threads 1 "
+              f"gives steadier numbers)", file=sys.stderr)
+
+
 def _list(device: torch.device) -> None:
     print("workloads (receiver / sharer: layers x KV heads x head dim; fused layers):")
     for name in WORKLOADS:
@@ -203,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 min_time_s=args.min_time if args.min_time is not None else (0.1 if device.type == "cuda" else 0.5),
                 seed=args.seed, show_progress=not args.quiet, debug=args.debug)
     meta = _meta(argv, device)
+    _warn_if_busy(device)
     if not args.quiet:
         print(f"c2c-bench on {meta['device_name']}: measuring peaks ...", file=sys.stderr, flush=True)
     peaks = peaks_mod.measure(plan.dtypes, device)
