@@ -3,6 +3,12 @@
 
 #include "cpu/fuse_cpu.h"
 
+TORCH_LIBRARY_FRAGMENT(c2c_native, m) {
+  // How the CPU backend computes caches of `dtype` on this machine (GEMM engine, row kernels,
+  // threads): for benchmarks and bug reports.
+  m.def("cpu_config(ScalarType dtype) -> str", &c2c::cpu::config);
+}
+
 TORCH_LIBRARY_IMPL(c2c_native, CPU, m) {
   m.impl("fuse", &c2c::cpu::fuse);
   m.impl("project", &c2c::cpu::project);

@@ -1,22 +1,143 @@
-// Placeholder: the CPU kernels land here.
+// Entry points of the CPU backend: torch.ops.c2c_native.{fuse, project, merge} on CPU tensors.
+// Arguments were validated in c2c_kernels/ops.py; only what memory safety needs is re-checked.
 #include "cpu/fuse_cpu.h"
 
+#include <ATen/Parallel.h>
+
+#include <cstring>
+
+#include "cpu/common.h"
+#include "cpu/fuser.h"
+#include "cpu/gemm.h"
+#include "cpu/vec.h"
+
 namespace c2c::cpu {
+namespace {
 
-void fuse(const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-          const std::vector<at::Tensor>&, const std::vector<int64_t>&) {
-  TORCH_CHECK(false, "c2c: the CPU fuse kernel is not implemented yet");
+void check_entries(const std::vector<at::Tensor>& receiver_caches, const std::vector<at::Tensor>& sharer_caches,
+                   const StackedWeights& w, const std::vector<int64_t>& fusers) {
+  TORCH_CHECK(receiver_caches.size() == sharer_caches.size() && receiver_caches.size() == fusers.size(),
+              "c2c cpu: receiver_caches, sharer_caches and fusers differ in length");
+  for (size_t i = 0; i < fusers.size(); ++i) {
+    TORCH_CHECK(fusers[i] >= 0 && fusers[i] < w.fusers, "c2c cpu: fusers[", i, "] out of range");
+    const at::Tensor &rc = receiver_caches[i], &sc = sharer_caches[i];
+    TORCH_CHECK(rc.dim() == 4 && sc.dim() == 4, "c2c cpu: cache views must be 4-D");
+    TORCH_CHECK(rc.scalar_type() == w.dtype && sc.scalar_type() == w.dtype, "c2c cpu: caches must have the weights' dtype");
+    TORCH_CHECK(rc.size(2) == w.receiver_heads && rc.size(2) * rc.size(3) == w.receiver_width,
+                "c2c cpu: receiver_caches[", i, "] does not match the fuser's receiver heads x dim");
+    TORCH_CHECK(sc.size(2) * sc.size(3) == w.sharer_width, "c2c cpu: sharer_caches[", i,
+                "] does not match the fuser's sharer width");
+  }
 }
 
-std::tuple<at::Tensor, at::Tensor> project(const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
-                                           const at::Tensor&, const at::Tensor&, const std::vector<at::Tensor>&,
-                                           const std::vector<int64_t>&) {
-  TORCH_CHECK(false, "c2c: the CPU project kernel is not implemented yet");
+}  // namespace
+
+void fuse(const std::vector<at::Tensor>& receiver_caches, const std::vector<at::Tensor>& sharer_caches,
+          const at::Tensor& receiver_slots, const at::Tensor& sharer_slots, const std::vector<at::Tensor>& weights,
+          const std::vector<int64_t>& fusers) {
+  const StackedWeights w(weights);
+  check_entries(receiver_caches, sharer_caches, w, fusers);
+  bool any_open = false;
+  for (int64_t f : fusers) any_open = any_open || w.gate_open(f);
+  if (!any_open) return;  // closed gates: no work at all
+  const Tokens tokens = valid_tokens(receiver_slots, &sharer_slots);
+  const Engine engine = choose_engine(w.dtype);
+  std::vector<at::Tensor> workspace;
+  Sink sink;
+  // Entries write distinct receiver views and each reads only its own, so running them one
+  // after another still has every entry read the rows as they were when the call began.
+  for (size_t i = 0; i < fusers.size(); ++i) {
+    if (!w.gate_open(fusers[i])) continue;
+    sink.receiver = &receiver_caches[i];
+    run_fuser(w, fusers[i], engine, receiver_caches[i], sharer_caches[i], tokens, sink, workspace);
+  }
 }
 
-void merge(const std::vector<at::Tensor>&, const at::Tensor&, const std::vector<at::Tensor>&,
-           const std::vector<at::Tensor>&) {
-  TORCH_CHECK(false, "c2c: the CPU merge kernel is not implemented yet");
+std::tuple<at::Tensor, at::Tensor> project(const std::vector<at::Tensor>& receiver_caches,
+                                           const std::vector<at::Tensor>& sharer_caches,
+                                           const at::Tensor& receiver_slots, const at::Tensor& sharer_slots,
+                                           const std::vector<at::Tensor>& weights,
+                                           const std::vector<int64_t>& fusers) {
+  const StackedWeights w(weights);
+  check_entries(receiver_caches, sharer_caches, w, fusers);
+  const int64_t r = static_cast<int64_t>(fusers.size()), t = receiver_slots.size(0);
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor projection = at::zeros({r, t, w.receiver_width}, opts);
+  at::Tensor head_scale = at::zeros({r, t, w.receiver_heads}, opts);
+  if (r == 0 || t == 0) return {projection, head_scale};
+  const Tokens tokens = valid_tokens(receiver_slots, &sharer_slots);
+  const Engine engine = choose_engine(w.dtype);
+  std::vector<at::Tensor> workspace;
+  for (int64_t i = 0; i < r; ++i) {
+    // A closed gate still gets its projection (head_scale 0), as the reference returns it.
+    Sink sink;
+    sink.projection = projection[i].data_ptr<float>();
+    sink.head_scale = head_scale[i].data_ptr<float>();
+    run_fuser(w, fusers[i], engine, receiver_caches[i], sharer_caches[i], tokens, sink, workspace);
+  }
+  return {projection, head_scale};
+}
+
+void merge(const std::vector<at::Tensor>& receiver_caches, const at::Tensor& receiver_slots,
+           const std::vector<at::Tensor>& projections, const std::vector<at::Tensor>& head_scales) {
+  const int64_t r = static_cast<int64_t>(receiver_caches.size());
+  if (r == 0) return;
+  TORCH_CHECK(projections.size() % r == 0 && head_scales.size() == projections.size(),
+              "c2c cpu: expected S * R projections and head_scales");
+  const int64_t s = static_cast<int64_t>(projections.size()) / r;
+  const Tokens tokens = valid_tokens(receiver_slots, nullptr);
+  const int64_t m_count = tokens.size(), t = receiver_slots.size(0);
+  if (m_count == 0 || s == 0) return;
+
+  std::vector<CacheView<char>> views;
+  const Dt cdt = dt_of(receiver_caches[0].scalar_type());
+  for (const auto& rc : receiver_caches) {
+    TORCH_CHECK(rc.scalar_type() == receiver_caches[0].scalar_type() && rc.sizes() == receiver_caches[0].sizes(),
+                "c2c cpu: receiver_caches must share one dtype and shape");
+    views.push_back(byte_view(rc));
+  }
+  const int64_t ht = views[0].heads, dh = views[0].head_dim, kt = ht * dh;
+  // Row pointers and row strides of the fp32 corrections (rows must be unit-stride).
+  std::vector<at::Tensor> keep;
+  std::vector<const float*> proj(projections.size()), scale(projections.size());
+  std::vector<int64_t> proj_ld(projections.size()), scale_ld(projections.size());
+  for (size_t j = 0; j < projections.size(); ++j) {
+    at::Tensor p = projections[j], a = head_scales[j];
+    TORCH_CHECK(p.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat, "c2c cpu: corrections must be float32");
+    TORCH_CHECK(p.dim() == 2 && p.size(0) == t && p.size(1) == kt && a.dim() == 2 && a.size(0) == t && a.size(1) == ht,
+                "c2c cpu: projections[", j, "] / head_scales[", j, "] have the wrong shape");
+    if (kt > 1 && p.stride(1) != 1) keep.push_back(p = p.contiguous());
+    if (ht > 1 && a.stride(1) != 1) keep.push_back(a = a.contiguous());
+    proj[j] = p.data_ptr<float>();
+    scale[j] = a.data_ptr<float>();
+    proj_ld[j] = p.stride(0);
+    scale_ld[j] = a.stride(0);
+  }
+
+  const VecOps& v = vec();
+  // x += sum_j a_j * y_j per head, in fp32, rounded once; tasks are (entry, token block).
+  for_rows(r * m_count, [&](int64_t idx) {
+    float* x = scratch(0, dh);
+    {
+      const int64_t i = idx / m_count, m = idx % m_count, tok = tokens.index[m];
+      for (int64_t h = 0; h < ht; ++h) {
+        char* row = views[i].row(tokens.receiver[m], static_cast<int32_t>(h));
+        v.load(row, cdt, x, dh);
+        for (int64_t j = i * s; j < (i + 1) * s; ++j) {
+          v.axpy(scale[j][tok * scale_ld[j] + h], proj[j] + tok * proj_ld[j] + h * dh, x, dh);
+        }
+        v.store(x, row, cdt, dh);
+      }
+    }
+  });
+}
+
+std::string config(c10::ScalarType dtype) {
+  const Engine engine = choose_engine(dtype);
+  std::string gemm = engine_name(engine);
+  if (engine == Engine::F32 && dtype != at::kFloat) gemm += " (16-bit weights widened to fp32 per block)";
+  if (engine == Engine::Native16) gemm += " (ATen/oneDNN 16-bit GEMM)";
+  return "gemm=" + gemm + " vec=" + vec().name + " threads=" + std::to_string(at::get_num_threads());
 }
 
 }  // namespace c2c::cpu

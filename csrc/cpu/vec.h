@@ -1,0 +1,48 @@
+// Row kernels of the CPU backend: dtype conversion, RMS-norm pieces, exact GELU, dot products.
+//
+// Every function works on contiguous runs of one row (a few thousand elements at most, so the
+// row stays in L1 across the calls that make up one epilogue). Two implementations exist: AVX2
+// + FMA + F16C intrinsics (vec_avx2.cpp, compiled for that ISA with a target pragma, so the
+// extension itself still builds and loads without -mavx2) and portable scalar code
+// (vec_scalar.cpp). `vec()` picks one at first use from what the CPU supports.
+#pragma once
+
+#include <cstdint>
+
+namespace c2c::cpu {
+
+// Element types of caches, weights and buffers.
+enum class Dt : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+inline int64_t dt_size(Dt dt) { return dt == Dt::F32 ? 4 : 2; }
+
+struct VecOps {
+  const char* name;
+  // dst[i] = float(src[i]) for src of type dt.
+  void (*load)(const void* src, Dt dt, float* dst, int64_t n);
+  // dst[i] = dt(src[i]), rounded to nearest even.
+  void (*store)(const float* src, void* dst, Dt dt, int64_t n);
+  // z[i] += o[i]; returns sum of z[i]^2 (after the add).
+  float (*add_sum_sq)(float* z, const float* o, int64_t n);
+  // Sum of x[i]^2.
+  float (*sum_sq)(const float* x, int64_t n);
+  // out[i] = z[i] * r * s[i].
+  void (*scale_mul)(const float* z, float r, const float* s, float* out, int64_t n);
+  // z[i] += o[i].
+  void (*add)(float* z, const float* o, int64_t n);
+  // x[i] = x[i] * 0.5 * (1 + erf(x[i] / sqrt(2))): exact (erf) GELU, |error| < 2e-7 * |x|.
+  void (*gelu)(float* x, int64_t n);
+  // sum of a[i] * b[i].
+  float (*dot)(const float* a, const float* b, int64_t n);
+  // y[i] += a * x[i].
+  void (*axpy)(float a, const float* x, float* y, int64_t n);
+};
+
+const VecOps& vec_scalar();
+// nullptr when this build could not compile the AVX2 kernels.
+const VecOps* vec_avx2();
+// The implementation to use on this CPU (AVX2 when the CPU has AVX2, FMA and F16C);
+// C2C_CPU_VEC=scalar forces the portable one (read once).
+const VecOps& vec();
+
+}  // namespace c2c::cpu
