@@ -223,3 +223,21 @@ def write_published_checkpoint(directory: str, args: dict, layer_map: dict[int, 
 SMALL_ARGS = {"source_dim": 16, "target_dim": 8, "source_num_heads": 2, "target_num_heads": 4,
               "hidden_dim": 64, "intermediate_dim": 48, "num_layers": 3, "dropout": 0.1,
               "initial_temperature": 1.0, "final_temperature": 0.001}
+
+
+def reference_fused(case: Case) -> Case:
+    """A copy of ``case`` whose receiver cache the reference has fused: what a backend must give."""
+    from . import reference
+    expected = case.clone_receiver()
+    reference.fuse(expected.receiver_caches, expected.sharer_caches, expected.receiver_slots,
+                   expected.sharer_slots, expected.weights, expected.fusers)
+    return expected
+
+
+def assert_storage_close(got: Case, want: Case, tol) -> None:
+    """Every element of the two cases' receiver storage agrees within ``tol`` (a float, or a
+    dtype whose entry of ``TOLERANCES`` to use)."""
+    if isinstance(tol, torch.dtype):
+        tol = TOLERANCES[tol]
+    for g, w in zip(got.receiver.storage, want.receiver.storage):
+        torch.testing.assert_close(g.float(), w.float(), atol=tol, rtol=tol)

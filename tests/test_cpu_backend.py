@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from c2c_kernels import backends, reference
-from c2c_kernels.testing import TOLERANCES, make_case
+from c2c_kernels.testing import TOLERANCES, assert_storage_close, make_case, reference_fused
 
 pytestmark = pytest.mark.skipif(isinstance(backends._load("cpu"), str),
                                 reason=f"cpu backend unavailable: {backends._load('cpu')}")
@@ -17,18 +17,6 @@ pytestmark = pytest.mark.skipif(isinstance(backends._load("cpu"), str),
 # The first workload's geometry (fuser.md): receiver 8x128, sharer 2x64, H = I = 1024, n = 3.
 REAL = dict(receiver_heads=8, receiver_dim=128, sharer_heads=2, sharer_dim=64, hidden=1024, intermediate=1024,
             layers=1, page_size=16, sharer_page_size=16)
-
-
-def reference_fused(case):
-    expected = case.clone_receiver()
-    reference.fuse(expected.receiver_caches, expected.sharer_caches, expected.receiver_slots,
-                   expected.sharer_slots, expected.weights, expected.fusers)
-    return expected
-
-
-def assert_storage_close(got_case, want_case, tol):
-    for got, want in zip(got_case.receiver.storage, want_case.receiver.storage):
-        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
 def run_cpu(case):
@@ -164,17 +152,13 @@ def test_large_activations_gelu_tails():
 
 _SCALAR_SCRIPT = r"""
 import torch, c2c_kernels
-from c2c_kernels import reference
-from c2c_kernels.testing import make_case, TOLERANCES
+from c2c_kernels.testing import assert_storage_close, make_case, reference_fused
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
     case = make_case(layout="flashinfer_nhd", dtype=dtype, seed=19, seq_lens=(5, 9), padding=2,
                      receiver_dim=7, sharer_dim=5, hidden=40, intermediate=24)
-    expected = case.clone_receiver()
-    reference.fuse(expected.receiver_caches, expected.sharer_caches, expected.receiver_slots,
-                   expected.sharer_slots, expected.weights, expected.fusers)
+    expected = reference_fused(case)
     torch.ops.c2c.fuse(*case.args(), "cpu", False)
-    for got, want in zip(case.receiver.storage, expected.receiver.storage):
-        torch.testing.assert_close(got.float(), want.float(), atol=TOLERANCES[dtype], rtol=TOLERANCES[dtype])
+    assert_storage_close(case, expected, dtype)
 print("ok")
 """
 

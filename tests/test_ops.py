@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from c2c_kernels import reference
-from c2c_kernels.testing import LAYOUTS, TOLERANCES, make_case
+from c2c_kernels.testing import LAYOUTS, assert_storage_close, make_case, reference_fused
 from conftest import backend_params
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -12,14 +11,10 @@ BACKENDS = backend_params(include_reference=True)
 
 def run_and_compare(backend, case, dtype):
     """Run ``backend`` and the reference on copies of one case; compare every byte of storage."""
-    expected = case.clone_receiver()
-    reference.fuse(expected.receiver_caches, expected.sharer_caches, expected.receiver_slots,
-                   expected.sharer_slots, expected.weights, expected.fusers)
+    expected = reference_fused(case)
     sharer_before = [t.clone() for t in case.sharer.storage]
     torch.ops.c2c.fuse(*case.args(), backend, False)
-    tol = TOLERANCES[dtype]
-    for got, want in zip(case.receiver.storage, expected.receiver.storage):
-        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    assert_storage_close(case, expected, dtype)
     for got, want in zip(case.sharer.storage, sharer_before):
         assert torch.equal(got, want), "the sharer cache was written"
 

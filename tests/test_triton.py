@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from c2c_kernels import backends, reference
-from c2c_kernels.testing import TOLERANCES, WORKLOADS, make_case
+from c2c_kernels.testing import TOLERANCES, WORKLOADS, assert_storage_close, make_case, reference_fused
 
 triton_backend = backends._load("triton")
 CPU_OK = not isinstance(triton_backend, str) and "cpu" in triton_backend.DEVICES
@@ -18,19 +18,6 @@ CUDA_OK = torch.cuda.is_available() and not isinstance(triton_backend, str) and 
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not CPU_OK, reason="triton interpreter not enabled")),
            pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_OK, reason="no GPU"))]
 needs_gpu = pytest.mark.skipif(not CUDA_OK, reason="no GPU")
-
-
-def expected_fuse(case):
-    expected = case.clone_receiver()
-    reference.fuse(expected.receiver_caches, expected.sharer_caches, expected.receiver_slots,
-                   expected.sharer_slots, expected.weights, expected.fusers)
-    return expected
-
-
-def assert_storage_close(case, expected, dtype):
-    tol = TOLERANCES[dtype]
-    for got, want in zip(case.receiver.storage, expected.receiver.storage):
-        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
 def fuse(case):
@@ -45,7 +32,7 @@ def test_fusers_out_of_order_and_repeated(device, dtype):
     """Entries may name any fuser of the stack, in any order, the same one several times."""
     case = make_case(layers=2, device=device, dtype=dtype, seed=41)  # a stack of 4 fusers
     case.fusers = [3, 0, 3, 2]
-    expected = expected_fuse(case)
+    expected = reference_fused(case)
     fuse(case)
     assert_storage_close(case, expected, dtype)
 
@@ -165,7 +152,7 @@ def workload_case(layout, dtype, seq_lens, layers=2, seed=50, **kw):
 @pytest.mark.parametrize("seq_lens", [(37,), (700, 301), (512,) * 4], ids=["short", "ragged", "paged4x512"])
 def test_workload_shapes(dtype, seq_lens):
     case = workload_case("vllm_nhd", dtype, seq_lens, padding=5)
-    expected = expected_fuse(case)
+    expected = reference_fused(case)
     fuse(case)
     assert_storage_close(case, expected, dtype)
 
@@ -174,7 +161,7 @@ def test_workload_shapes(dtype, seq_lens):
 @pytest.mark.parametrize("layout", ["hf", "vllm_hnd", "flashinfer_interleaved", "sglang"])
 def test_workload_layouts(layout):
     case = workload_case(layout, torch.bfloat16, (300, 90), padding=7)
-    expected = expected_fuse(case)
+    expected = reference_fused(case)
     fuse(case)
     assert_storage_close(case, expected, torch.bfloat16)
 
@@ -209,7 +196,7 @@ def test_cuda_graph_capture_and_replay():
         fuse(case)
     for t, p in zip(case.receiver.storage, pristine):  # capturing does not run the kernels
         t.copy_(p)
-    expected = expected_fuse(case)
+    expected = reference_fused(case)
     graph.replay()
     torch.cuda.synchronize()
     assert_storage_close(case, expected, torch.bfloat16)
@@ -221,7 +208,7 @@ def test_cuda_graph_capture_and_replay():
     case.sharer_slots.copy_(new_sharer_slots)
     for t, p in zip(case.receiver.storage, pristine):
         t.copy_(p * 0.5)
-    expected = expected_fuse(case)
+    expected = reference_fused(case)
     graph.replay()
     torch.cuda.synchronize()
     assert_storage_close(case, expected, torch.bfloat16)
