@@ -74,3 +74,14 @@ def test_timing_summary():
     t = Timing.of([4.0, 1.0, 3.0, 2.0, 100.0])
     assert (t.median_ms, t.min_ms, t.samples) == (3.0, 1.0, 5)
     assert t.spread_ms == 2.0  # quartiles 2 and 4: the outlier does not widen it
+
+
+def test_ttft_rows_end_to_end(tmp_path):
+    """c2c-bench --ttft: the HF pipeline rows (fused, reference, receiver alone) as JSON."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "ttft.json"
+    assert main(["--ttft", "--tiny-models", "--tokens", "8", "--device", "cpu", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["ttft"]
+    variants = [r["variant"] for r in rows]
+    assert "receiver only" in variants and any("reference" in v for v in variants)
+    assert all(r["median_ms"] > 0 for r in rows)

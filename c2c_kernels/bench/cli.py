@@ -86,6 +86,11 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--quiet", action="store_true", help="no progress output")
     h.add_argument("--debug", action="store_true", help="full tracebacks in the error column")
     h.add_argument("--list", action="store_true", help="list workloads and available contenders, then exit")
+    e = p.add_argument_group("end to end (needs the hf extra)")
+    e.add_argument("--ttft", action="store_true",
+                   help="time to first token with transformers models (random weights from the published "
+                        "configs): both prefills, fusion, first decode; fused kernels vs the reference fuser")
+    e.add_argument("--tiny-models", action="store_true", help="with --ttft: shrink the models (a smoke run)")
     return p
 
 
@@ -207,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         _list(device)
         return 0
+    if args.ttft:
+        from .ttft import run_ttft
+        dtype = DTYPES[args.dtype[0]] if args.dtype != DEFAULT_DTYPES else (
+            torch.bfloat16 if device.type == "cuda" else torch.float32)
+        return run_ttft(args.workload or [next(iter(WORKLOADS))], args.tokens or [512], args.requests, device,
+                        dtype, repeats=3, tiny=args.tiny_models, json_path=args.json)
     workloads = _workloads(args, p)
     plan = Plan(workloads=workloads, layers=_layers(args, p, workloads, device),
                 tokens=args.tokens or DEFAULTS[device.type]["tokens"], requests=args.requests,
