@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from c2c_kernels.testing import LAYOUTS, assert_storage_close, make_case, reference_fused
+from c2c_kernels import reference
+from c2c_kernels.testing import LAYOUTS, TOLERANCES, assert_storage_close, make_case, reference_fused
 from conftest import backend_params
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -85,3 +86,24 @@ def test_strided_views(backend, device):
     untouched = torch.ones_like(big, dtype=torch.bool)
     untouched[:, ::2, :, 1:5] = False
     assert torch.equal(big[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_project_matches_reference(backend, device, dtype):
+    """c2c::project: the corrections equal the reference's, a closed gate gives a zero head
+    scale, fusers may come in any order, and the cache is not written."""
+    case = make_case(layout="vllm_hnd", dtype=dtype, device=device, seed=42, padding=3,
+                     gates_open=[True, False, True, True])
+    case.fusers = [1, 2, 0, 3]
+    before = [t.clone() for t in case.receiver.storage]
+    projection, head_scale = torch.ops.c2c.project(*case.args(), backend, False)
+    want_projection, want_scale = reference.project(case.receiver_caches, case.sharer_caches, case.receiver_slots,
+                                                    case.sharer_slots, case.weights, case.fusers)
+    valid = case.receiver_slots >= 0  # padding rows may hold anything
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(projection[:, valid], want_projection[:, valid], atol=tol, rtol=tol)
+    torch.testing.assert_close(head_scale[:, valid], want_scale[:, valid], atol=tol, rtol=tol)
+    assert torch.all(head_scale[0, valid] == 0), "a closed gate must give a zero head scale"
+    for got, was in zip(case.receiver.storage, before):
+        assert torch.equal(got, was), "project wrote the cache"
