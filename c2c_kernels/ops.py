@@ -203,11 +203,24 @@ def check_merge_args(receiver_caches, receiver_slots, projections, head_scales, 
 
 
 # ---- the ops ---------------------------------------------------------------------------------
+# Defined with a schema and registered with torch.library.Library rather than the
+# ``custom_op`` decorator: the same op to the dispatcher, opcheck and torch.compile, at about a
+# third of the per-call host cost (measured ~40 vs ~170 us for a 48-entry call).
 
-@torch.library.custom_op("c2c::fuse", mutates_args=("receiver_caches",))
-def fuse_op(receiver_caches: list[Tensor], sharer_caches: list[Tensor], receiver_slots: Tensor,
-            sharer_slots: Tensor, weights: list[Tensor], fusers: list[int], backend: str = "auto",
-            check_slots: bool = False) -> None:
+_LIB = torch.library.Library("c2c", "DEF")
+_LIB.define(
+    "fuse(Tensor(a!)[] receiver_caches, Tensor[] sharer_caches, Tensor receiver_slots, Tensor sharer_slots, "
+    "Tensor[] weights, int[] fusers, str backend='auto', bool check_slots=False) -> ()")
+_LIB.define(
+    "project(Tensor[] receiver_caches, Tensor[] sharer_caches, Tensor receiver_slots, Tensor sharer_slots, "
+    "Tensor[] weights, int[] fusers, str backend='auto', bool check_slots=False) -> (Tensor, Tensor)")
+_LIB.define(
+    "merge(Tensor(a!)[] receiver_caches, Tensor receiver_slots, Tensor[] projections, Tensor[] head_scales, "
+    "str backend='auto', bool check_slots=False) -> ()")
+
+
+def _fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, backend="auto",
+          check_slots=False) -> None:
     w = check_fuse_args(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
                         check_slots=check_slots)
     if receiver_caches and receiver_slots.numel():
@@ -215,16 +228,13 @@ def fuse_op(receiver_caches: list[Tensor], sharer_caches: list[Tensor], receiver
             receiver_caches, sharer_caches, receiver_slots, sharer_slots, w, list(fusers))
 
 
-@fuse_op.register_fake
 def _fuse_fake(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
                backend="auto", check_slots=False) -> None:
     check_fuse_args(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers)
 
 
-@torch.library.custom_op("c2c::project", mutates_args=())
-def project_op(receiver_caches: list[Tensor], sharer_caches: list[Tensor], receiver_slots: Tensor,
-               sharer_slots: Tensor, weights: list[Tensor], fusers: list[int], backend: str = "auto",
-               check_slots: bool = False) -> tuple[Tensor, Tensor]:
+def _project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, backend="auto",
+             check_slots=False):
     w = check_fuse_args(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
                         check_slots=check_slots)
     module = backends.resolve(backend, w.device)
@@ -232,7 +242,6 @@ def project_op(receiver_caches: list[Tensor], sharer_caches: list[Tensor], recei
     return project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, w, list(fusers))
 
 
-@project_op.register_fake
 def _project_fake(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
                   backend="auto", check_slots=False):
     w = check_fuse_args(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers)
@@ -241,9 +250,7 @@ def _project_fake(receiver_caches, sharer_caches, receiver_slots, sharer_slots, 
             receiver_slots.new_empty((r, t, w.receiver_heads), dtype=torch.float32))
 
 
-@torch.library.custom_op("c2c::merge", mutates_args=("receiver_caches",))
-def merge_op(receiver_caches: list[Tensor], receiver_slots: Tensor, projections: list[Tensor],
-             head_scales: list[Tensor], backend: str = "auto", check_slots: bool = False) -> None:
+def _merge(receiver_caches, receiver_slots, projections, head_scales, backend="auto", check_slots=False) -> None:
     check_merge_args(receiver_caches, receiver_slots, projections, head_scales, check_slots=check_slots)
     if receiver_caches and receiver_slots.numel():
         module = backends.resolve(backend, receiver_caches[0].device)
@@ -251,6 +258,12 @@ def merge_op(receiver_caches: list[Tensor], receiver_slots: Tensor, projections:
         merge(receiver_caches, receiver_slots, projections, head_scales)
 
 
-@merge_op.register_fake
 def _merge_fake(receiver_caches, receiver_slots, projections, head_scales, backend="auto", check_slots=False):
     check_merge_args(receiver_caches, receiver_slots, projections, head_scales)
+
+
+for _name, _impl, _fake in (("fuse", _fuse, _fuse_fake), ("project", _project, _project_fake),
+                            ("merge", _merge, _merge_fake)):
+    # CompositeExplicitAutograd: one Python kernel for every device; backends dispatch on their own.
+    _LIB.impl(_name, _impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"c2c::{_name}", _fake, lib=_LIB)
