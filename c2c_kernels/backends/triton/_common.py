@@ -94,3 +94,18 @@ def mma(a, b, acc, DOT_DTYPE: tl.constexpr):
     else:
         out = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc)
     return out
+
+
+@triton.jit
+def dense_gemm(a_rows, w, stride_w_k, k_in, tok_mask, col_mask, BM: tl.constexpr, BN: tl.constexpr,
+               BK: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """``A @ W`` for one tile, fp32: ``a_rows`` points at each token's contiguous activation row,
+    ``w`` at each output column's weights (its K stride ``stride_w_k``)."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, k_in, BK):
+        k = k0 + tl.arange(0, BK)
+        k_mask = k < k_in
+        a = tl.load(a_rows + k[None, :], mask=tok_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w + k[:, None] * stride_w_k, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = mma(a, b, acc, DOT_DTYPE)
+    return acc

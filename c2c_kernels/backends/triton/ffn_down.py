@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._common import ENTRY_FUSER, ENTRY_WIDTH, mma, tile_coords
+from ._common import ENTRY_FUSER, ENTRY_WIDTH, dense_gemm, mma, tile_coords
 
 
 @triton.jit(do_not_specialize=["tokens", "m_bucket"])  # one binary for every token count
@@ -35,13 +35,7 @@ def ffn_down_kernel(
     h_rows = h_ptr + row[:, None] * k_in
     w = w_ptr + fuser * stride_w_f + cols[None, :] * stride_w_n
 
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, k_in, BK):
-        k = k0 + tl.arange(0, BK)
-        k_mask = k < k_in
-        a = tl.load(h_rows + k[None, :], mask=tok_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(w + k[:, None] * stride_w_k, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = mma(a, b, acc, DOT_DTYPE)
+    acc = dense_gemm(h_rows, w, stride_w_k, k_in, tok_mask, col_mask, BM, BN, BK, DOT_DTYPE)
 
     tile_mask = tok_mask[:, None] & col_mask[None, :]
     offsets = row[:, None] * width + cols[None, :]

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._common import (ENTRY_FUSER, ENTRY_RECEIVER, ENTRY_WIDTH, head_columns, load_view, mma, slot_rows,
+from ._common import (ENTRY_FUSER, ENTRY_RECEIVER, ENTRY_WIDTH, dense_gemm, head_columns, load_view, slot_rows,
                       tile_coords)
 
 
@@ -52,13 +52,7 @@ def output_gemm_kernel(
     p_rows = p_ptr + (entry * tokens + tok).to(tl.int64)[:, None] * k_in
     w = w_ptr + fuser * stride_w_f + cols[None, :] * stride_w_n
 
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, k_in, BK):
-        k = k0 + tl.arange(0, BK)
-        k_mask = k < k_in
-        a = tl.load(p_rows + k[None, :], mask=tok_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(w + k[:, None] * stride_w_k, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = mma(a, b, acc, DOT_DTYPE)
+    acc = dense_gemm(p_rows, w, stride_w_k, k_in, tok_mask, col_mask, BM, BN, BK, DOT_DTYPE)
     bias = tl.load(bias_ptr + fuser * stride_bias_f + cols * stride_bias_n, mask=col_mask, other=0.0)
     acc += bias.to(tl.float32)[None, :]
 
