@@ -77,13 +77,6 @@ class FuserWeights(NamedTuple):
             for name, t in zip(self._fields, self)
         ))
 
-    def select(self, indices: list[int]) -> "FuserWeights":
-        """A sub-stack of the given fusers (a copy unless ``indices`` is a contiguous run)."""
-        if indices and indices == list(range(indices[0], indices[0] + len(indices))):
-            start, stop = indices[0], indices[0] + len(indices)
-            return FuserWeights(*(t[start:stop] for t in self))
-        idx = torch.tensor(indices, dtype=torch.long, device=self.device)
-        return FuserWeights(*(t.index_select(0, idx) for t in self))
 
 
 def random_weights(
