@@ -6,6 +6,8 @@ import torch
 # @triton.jit function is defined.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The CUDA backend's sources also run on the CPU emulator (built on first use, then cached).
+os.environ.setdefault("C2C_CUDA_EMULATOR", "1")
 
 import pytest  # noqa: E402
 
@@ -19,7 +21,7 @@ def backend_params(include_reference: bool = False):
     """(backend, device) pairs to test; unavailable ones are kept and skipped, so the report
     says what did not run and why."""
     names = ["reference"] if include_reference else []
-    names += ["cpu", "triton", "cuda"]
+    names += ["cpu", "triton", "cuda", "cuda_emulator"]
     params = []
     for device in ["cpu", "cuda"]:
         for name in names:
@@ -34,6 +36,8 @@ def backend_params(include_reference: bool = False):
             if reason and device == "cuda" and name == "cpu":
                 continue
             if reason and device == "cpu" and name == "cuda":
+                continue
+            if device == "cuda" and name == "cuda_emulator":
                 continue
             marks = [pytest.mark.skip(reason=reason)] if reason else []
             params.append(pytest.param(name, device, id=f"{name}-{device}", marks=marks))

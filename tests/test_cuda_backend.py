@@ -2,9 +2,11 @@
 layout, dtype and shape once a GPU is visible).
 
 Without a GPU: the extension registers CUDA kernels for the three native ops (when it was
-built with CUDA) and the backend says why it cannot run. With a GPU: the standalone merge on
-every layout, its 16-byte and scalar paths, project, the sentinel, entry groups and token
-chunks, a non-default stream, CUDA-graph capture and replay, bitwise determinism.
+built with CUDA) and the backend says why it cannot run; and the tests below that need no
+stream or graph run the same sources on the CPU emulator (backend "cuda_emulator", see
+csrc/cuda/emulator). With a GPU they run on the device as well: the standalone merge on every
+layout, its 16-byte and scalar paths, project, the sentinel, entry groups and token chunks,
+wide rows, bitwise determinism; plus a non-default stream and CUDA-graph capture and replay.
 """
 import pytest
 import torch
@@ -26,6 +28,20 @@ def _gpu_skip_reason():
 
 
 requires_cuda_backend = pytest.mark.skipif(_gpu_skip_reason() is not None, reason=str(_gpu_skip_reason()))
+
+
+def _emulator_skip_reason():
+    module = backends._load("cuda_emulator")
+    return module if isinstance(module, str) else None
+
+
+# (backend, device): the CUDA sources on the GPU, and the same sources on the CPU emulator.
+TARGETS = [
+    pytest.param("cuda", "cuda", id="gpu", marks=pytest.mark.skipif(_gpu_skip_reason() is not None,
+                                                                   reason=str(_gpu_skip_reason()))),
+    pytest.param("cuda_emulator", "cpu", id="emulator",
+                 marks=pytest.mark.skipif(_emulator_skip_reason() is not None, reason=str(_emulator_skip_reason()))),
+]
 
 
 # ---- without a GPU -----------------------------------------------------------------------------
@@ -97,12 +113,12 @@ def slot_rows_mask(views, slots):
     return masks
 
 
-def check_merge(views, slots, projections, head_scales, dtype):
+def check_merge(backend, views, slots, projections, head_scales, dtype):
     """The CUDA merge against the reference on the same start: the slots' rows within tolerance,
     every other element of the storages bit for bit unchanged."""
     storages = {v.untyped_storage().data_ptr(): whole_storage(v) for v in views}
     start = {k: t.clone() for k, t in storages.items()}
-    torch.ops.c2c.merge(views, slots, projections, head_scales, "cuda", False)
+    torch.ops.c2c.merge(views, slots, projections, head_scales, backend, False)
     got = {k: t.clone() for k, t in storages.items()}
     for k, t in storages.items():
         t.copy_(start[k])
@@ -113,77 +129,77 @@ def check_merge(views, slots, projections, head_scales, dtype):
         assert torch.equal(got[key][~rows], start[key][~rows]), "an element outside the receiver slots changed"
 
 
-def check_fuse(case, dtype):
+def check_fuse(backend, case, dtype):
     expected = case.clone_receiver()
     reference.fuse(expected.receiver_caches, expected.sharer_caches, expected.receiver_slots,
                    expected.sharer_slots, expected.weights, expected.fusers)
-    torch.ops.c2c.fuse(*case.args(), "cuda", False)
+    torch.ops.c2c.fuse(*case.args(), backend, False)
     tol = TOLERANCES[dtype]
     for got, want in zip(case.receiver.storage, expected.receiver.storage):
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
-@requires_cuda_backend
+@pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("sharers", [1, 3])
-def test_merge_every_layout(layout, dtype, sharers):
-    case = make_case(layout=layout, dtype=dtype, device="cuda", seed=4, receiver_heads=4, receiver_dim=16,
+def test_merge_every_layout(backend, device, layout, dtype, sharers):
+    case = make_case(layout=layout, dtype=dtype, device=device, seed=4, receiver_heads=4, receiver_dim=16,
                      seq_lens=(9, 5, 1), padding=3)
     projections, head_scales = merge_inputs(case.receiver_caches, case.receiver_slots, sharers, seed=4,
                                             closed_entry=1)
-    check_merge(case.receiver_caches, case.receiver_slots, projections, head_scales, dtype)
+    check_merge(backend, case.receiver_caches, case.receiver_slots, projections, head_scales, dtype)
 
 
-def _paged(pages, page_size, heads, head_dim, dtype, *, misalign=False, seed=0):
+def _paged(pages, page_size, heads, head_dim, dtype, device, *, misalign=False, seed=0):
     """A FlashInfer-NHD-like [pages, page_size, heads, head_dim] cache; `misalign` starts it one
     element past a 16-byte boundary, so only the scalar path may touch it."""
     g = torch.Generator().manual_seed(seed)
     numel = pages * page_size * heads * head_dim
-    flat = torch.randn(numel + 1, generator=g).to("cuda", dtype)
+    flat = torch.randn(numel + 1, generator=g).to(device, dtype)
     return (flat[1:] if misalign else flat[:numel]).view(pages, page_size, heads, head_dim)
 
 
-@requires_cuda_backend
+@pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("path", ["vector", "scalar_misaligned", "scalar_odd_head_dim", "vector_strided_projection",
                                   "transposed_projection"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_merge_vector_and_scalar_paths(path, dtype):
+def test_merge_vector_and_scalar_paths(backend, device, path, dtype):
     head_dim = 6 if path == "scalar_odd_head_dim" else 16
     pages, page_size, heads = 6, 4, 3
-    views = [_paged(pages, page_size, heads, head_dim, dtype, misalign=path == "scalar_misaligned", seed=layer)
+    views = [_paged(pages, page_size, heads, head_dim, dtype, device, misalign=path == "scalar_misaligned", seed=layer)
              for layer in range(2)]
-    slots = torch.tensor([5, -1, 0, 17, 9, 22, -1, 3, 12], device="cuda")
+    slots = torch.tensor([5, -1, 0, 17, 9, 22, -1, 3, 12], device=device)
     t, width = len(slots), heads * head_dim
     g = torch.Generator().manual_seed(7)
     if path == "vector_strided_projection":  # rows of a wider tensor: row stride 2 * width
-        projections = [torch.randn(t, 2 * width, generator=g).to("cuda")[:, :width] for _ in views]
+        projections = [torch.randn(t, 2 * width, generator=g).to(device)[:, :width] for _ in views]
     elif path == "transposed_projection":  # non-unit column stride: the backend makes it dense
-        projections = [torch.randn(width, t, generator=g).to("cuda").T for _ in views]
+        projections = [torch.randn(width, t, generator=g).to(device).T for _ in views]
     else:
-        projections = [torch.randn(t, width, generator=g).to("cuda") for _ in views]
-    head_scales = [torch.rand(t, heads, generator=g).to("cuda") for _ in views]
-    check_merge(views, slots, projections, head_scales, dtype)
+        projections = [torch.randn(t, width, generator=g).to(device) for _ in views]
+    head_scales = [torch.rand(t, heads, generator=g).to(device) for _ in views]
+    check_merge(backend, views, slots, projections, head_scales, dtype)
 
 
-@requires_cuda_backend
+@pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_fuse_realistic_widths(dtype):
+def test_fuse_realistic_widths(backend, device, dtype):
     """Head dims and widths of real models (16-byte paths everywhere), GQA both ways."""
-    case = make_case(layout="vllm_nhd", sharer_layout="flashinfer_hnd", dtype=dtype, device="cuda", seed=15,
+    case = make_case(layout="vllm_nhd", sharer_layout="flashinfer_hnd", dtype=dtype, device=device, seed=15,
                      layers=3, receiver_heads=8, receiver_dim=128, sharer_heads=2, sharer_dim=64, page_size=16,
                      hidden=256, intermediate=512, seq_lens=(130, 61, 200), padding=5)
-    check_fuse(case, dtype)
+    check_fuse(backend, case, dtype)
 
 
-@requires_cuda_backend
-def test_fuse_many_entries_and_token_chunks(monkeypatch):
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_fuse_many_entries_and_token_chunks(backend, device, monkeypatch):
     """More entries than one launch's parameter block holds, and a workspace small enough to
     split the tokens into chunks (the minimum chunk is 256 tokens)."""
     monkeypatch.setenv("C2C_CUDA_WORKSPACE_BYTES", "1")
-    case = make_case(layout="sglang", device="cuda", seed=17, layers=34, hidden=32, intermediate=16,
+    case = make_case(layout="sglang", device=device, seed=17, layers=34, hidden=32, intermediate=16,
                      seq_lens=(300, 290), padding=7)
-    check_fuse(case, torch.float32)
+    check_fuse(backend, case, torch.float32)
 
 
 @requires_cuda_backend
@@ -231,18 +247,96 @@ def test_cuda_graph_capture_and_replay(dtype):
         assert torch.equal(first, second), "two replays differ"
 
 
-@requires_cuda_backend
+@pytest.mark.parametrize("backend,device", TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_bitwise_deterministic(dtype):
-    case = make_case(layout="flashinfer_nhd", dtype=dtype, device="cuda", seed=23, receiver_dim=16, hidden=128,
+def test_bitwise_deterministic(backend, device, dtype):
+    case = make_case(layout="flashinfer_nhd", dtype=dtype, device=device, seed=23, receiver_dim=16, hidden=128,
                      intermediate=96, seq_lens=(40, 17))
     start = [t.clone() for t in case.receiver.storage]
     runs = []
     for _ in range(3):
         restore(case.receiver.storage, start)
-        torch.ops.c2c.fuse(*case.args(), "cuda", False)
-        projection, head_scale = torch.ops.c2c.project(*case.args(), "cuda", False)
+        torch.ops.c2c.fuse(*case.args(), backend, False)
+        projection, head_scale = torch.ops.c2c.project(*case.args(), backend, False)
         runs.append(([t.clone() for t in case.receiver.storage], projection, head_scale))
     for storage, projection, head_scale in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(storage, runs[0][0])), "fuse differs between runs"
         assert torch.equal(projection, runs[0][1]) and torch.equal(head_scale, runs[0][2]), "project differs"
+
+
+# ---- the backend's own checks, below the op layer ------------------------------------------------
+
+def _native(backend):
+    """fuse / project / merge of the CUDA sources, called directly (the op layer's checks skipped)."""
+    if backend == "cuda":
+        return torch.ops.c2c_native
+    return backends._load("cuda_emulator")._build()
+
+
+NATIVE_ERRORS = {
+    "weight_count": (lambda a: a.update(weights=a["weights"][:13]), "weights: expected the 14 stacked tensors"),
+    "fuser_range": (lambda a: a.update(fusers=[99] + a["fusers"][1:]), r"fusers\[0\] = 99 is out of range"),
+    "entry_count": (lambda a: a.update(sharer_caches=a["sharer_caches"][:1]),
+                    "must have one entry per fused cache"),
+    "slot_count": (lambda a: a.update(sharer_slots=a["sharer_slots"][:-1]),
+                   "sharer_slots: .* expected one per receiver slot"),
+    "slot_dtype": (lambda a: a.update(receiver_slots=a["receiver_slots"].float()), "expected int32 or int64"),
+    "head_dim_stride": (lambda a: a["receiver_caches"].__setitem__(0, a["receiver_caches"][0].transpose(2, 3)),
+                        "the head_dim stride must be 1"),
+    "cache_dtype": (lambda a: a["receiver_caches"].__setitem__(0, a["receiver_caches"][0].double()),
+                    r"receiver_caches\[0\]: dtype"),
+    "receiver_width": (lambda a: a.update(receiver_caches=[v[:, :, :2] for v in a["receiver_caches"]]),
+                       "dims do not match the fuser's receiver width"),
+    "geometry": (lambda a: a["receiver_caches"].__setitem__(1, a["receiver_caches"][1][:-1]),
+                 "every entry must share one pool geometry"),
+}
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("error", NATIVE_ERRORS)
+def test_native_checks_name_the_argument(backend, device, error):
+    """Called directly, the native ops still refuse bad input with an error naming the argument
+    (the op layer checks first in normal use), and write nothing."""
+    case = make_case(layout="vllm_nhd", device=device, seed=31)
+    args = dict(zip(["receiver_caches", "sharer_caches", "receiver_slots", "sharer_slots", "weights", "fusers"],
+                    [list(case.receiver_caches), list(case.sharer_caches), case.receiver_slots, case.sharer_slots,
+                     list(case.weights), list(case.fusers)]))
+    mutate, message = NATIVE_ERRORS[error]
+    mutate(args)
+    before = [t.clone() for t in case.receiver.storage]
+    with pytest.raises(RuntimeError, match=message):
+        _native(backend).fuse(*args.values())
+    assert all(torch.equal(a, b) for a, b in zip(case.receiver.storage, before))
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_native_merge_checks(backend, device):
+    case = make_case(device=device, seed=32)
+    t, heads, dim = len(case.receiver_slots), case.receiver_caches[0].shape[2], case.receiver_caches[0].shape[3]
+    entries = len(case.receiver_caches)
+    good_y = [torch.zeros(t, heads * dim, device=device)] * entries
+    good_a = [torch.zeros(t, heads, device=device)] * entries
+    with pytest.raises(RuntimeError, match=r"projections\[0\]: expected float32"):
+        _native(backend).merge(case.receiver_caches, case.receiver_slots, [y[:, 1:] for y in good_y], good_a)
+    with pytest.raises(RuntimeError, match=r"head_scales\[0\]: expected float32"):
+        _native(backend).merge(case.receiver_caches, case.receiver_slots, good_y, [a.double() for a in good_a])
+    with pytest.raises(RuntimeError, match="expected S \\* .* entries each"):
+        _native(backend).merge(case.receiver_caches, case.receiver_slots, good_y[:-1], good_a[:-1])
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("hidden", [1000, 2056])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fuse_wide_rows(backend, device, hidden, dtype):
+    """Rows wider than one warp's share: the row epilogue's block reduction spans several
+    warps (4 and 9), the last one partly idle."""
+    case = make_case(device=device, dtype=dtype, seed=33, layers=1, hidden=hidden, intermediate=40,
+                     seq_lens=(6, 3), padding=1)
+    check_fuse(backend, case, dtype)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_native_refuses_rows_wider_than_the_row_kernel(backend, device):
+    case = make_case(device=device, seed=34, layers=1, hidden=8193, intermediate=8, seq_lens=(2,), padding=0)
+    with pytest.raises(RuntimeError, match="hidden width 8193 is above the CUDA backend's limit of 8192"):
+        _native(backend).fuse(*case.args())

@@ -18,6 +18,8 @@ _MODULES = {
     "cpu": "c2c_kernels.backends.cpu",
     "triton": "c2c_kernels.backends.triton",
     "cuda": "c2c_kernels.backends.cuda",
+    # The CUDA sources run on the CPU, for tests: opt-in, never "auto", not in available().
+    "cuda_emulator": "c2c_kernels.backends.cuda_emulator",
 }
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 NAMES = ("auto", *_MODULES)
@@ -37,10 +39,12 @@ def _load(name: str) -> ModuleType | str:
     return _loaded[name]
 
 
-def available(device_type: str | None = None) -> list[str]:
-    """Names of the usable backends (for ``device_type``, if given)."""
+def available(device_type: str | None = None, *, emulators: bool = False) -> list[str]:
+    """Names of the usable backends (for ``device_type``, if given); emulators only if asked."""
     out = []
     for name in _MODULES:
+        if not emulators and name == "cuda_emulator":
+            continue
         module = _load(name)
         if not isinstance(module, str) and (device_type is None or device_type in module.DEVICES):
             out.append(name)

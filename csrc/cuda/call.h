@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cuda/batched_linear.h"
+#include "cuda/runtime.h"
 #include "cuda/torch_params.h"
 
 namespace c2c::cuda {
@@ -46,7 +47,7 @@ inline Call unpack(const std::vector<at::Tensor>& receiver_caches, const std::ve
   for (int i : {kBIn, kFfnNorm, kHeadNorm, kBHead, kBOut}) c.w[i] = unit_inner_stride(c.w[i]);
   const at::Device device = c.w[kWInSharer].device();
   const at::ScalarType dtype = c.w[kWInSharer].scalar_type();
-  TORCH_CHECK(device.is_cuda(), "weights: expected CUDA tensors, got ", device);
+  TORCH_CHECK(device.type() == kKernelDevice, "weights: expected ", kKernelDevice, " tensors, got ", device);
   TORCH_CHECK(c.w[kGateLogit].scalar_type() == at::kFloat && c.w[kGateLogit].dim() == 1,
               "weights.gate_logit: expected a 1-D float32 tensor");
   for (int i = 0; i < kNumWeights; ++i) {

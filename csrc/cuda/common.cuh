@@ -2,13 +2,10 @@
 // loads and stores, slot reads and row addressing through a CacheView.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
 #include "cache_view.h"
+#include "cuda/device_types.h"
 #include "cuda/params.h"
 
 namespace c2c::cuda {
@@ -34,6 +31,7 @@ __device__ __forceinline__ void load_vector(const T* src, float (&out)[N]) {
   static_assert(N % kPerWord == 0, "whole 16-byte words only");
 #pragma unroll
   for (int w = 0; w < N / kPerWord; ++w) {
+    C2C_CHECK_ALIGNED16(src + w * kPerWord);
     alignas(16) T elems[kPerWord];
     *reinterpret_cast<uint4*>(elems) = reinterpret_cast<const uint4*>(src)[w];
 #pragma unroll
@@ -50,6 +48,7 @@ __device__ __forceinline__ void store_vector(T* dst, const float (&in)[N]) {
     alignas(16) T elems[kPerWord];
 #pragma unroll
     for (int k = 0; k < kPerWord; ++k) elems[k] = from_float<T>(in[w * kPerWord + k]);
+    C2C_CHECK_ALIGNED16(dst + w * kPerWord);
     reinterpret_cast<uint4*>(dst)[w] = *reinterpret_cast<const uint4*>(elems);
   }
 }

@@ -9,9 +9,6 @@
 //   merge into the cache (fuse) or write the fp32 projection (project)  (merge.cu)
 // All launches go to the current stream; nothing waits for the device or copies host data to
 // it, so a call can be captured in a CUDA graph. The hard gate is read by the kernels.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -19,6 +16,7 @@
 #include "cuda/batched_linear.h"
 #include "cuda/call.h"
 #include "cuda/fuse_cuda.h"
+#include "cuda/runtime.h"
 #include "cuda/torch_params.h"
 
 namespace c2c::cuda {
@@ -208,7 +206,7 @@ class Pipeline {
       p.heads = static_cast<int32_t>(heads);
       p.head_dim = static_cast<int32_t>(head_dim);
       launch_gather(p, static_cast<int>(count), stream_);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      C2C_KERNEL_LAUNCH_CHECK();
     });
   }
 
@@ -226,7 +224,7 @@ class Pipeline {
       p.entry_begin = static_cast<int32_t>(begin);
       p.fusers = fuser_table(c_, begin, count);
       launch_row_epilogue(p, static_cast<int>(count), stream_);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      C2C_KERNEL_LAUNCH_CHECK();
     });
   }
 
@@ -238,7 +236,7 @@ class Pipeline {
       p.entry_begin = static_cast<int32_t>(begin);
       p.fusers = fuser_table(c_, begin, count);
       launch_bias_epilogue(p, static_cast<int>(count), stream_);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      C2C_KERNEL_LAUNCH_CHECK();
     });
   }
 
@@ -248,7 +246,7 @@ class Pipeline {
     const at::Tensor inner = dense(ws.inner, c_.entries, n_, w1.size(1));
     batched_linear(inner, x, w1, c_.runs, false);
     launch_gelu(mutable_ptr<T>(inner), inner.numel(), stream_);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    C2C_KERNEL_LAUNCH_CHECK();
     batched_linear(out, inner, w2, c_.runs, false);
   }
 
@@ -278,7 +276,7 @@ class Pipeline {
       p.heads = static_cast<int32_t>(c_.heads);
       p.head_dim = static_cast<int32_t>(c_.head_dim);
       launch_merge(p, static_cast<int>(count), stream_);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      C2C_KERNEL_LAUNCH_CHECK();
     });
   }
 
@@ -294,7 +292,7 @@ void run(const Call& c, const Sink& sink) {
   const int64_t per_token = c.entries * Workspace::bytes_per_row(c, c.w[kWInSharer].element_size());
   const int64_t chunk = std::min(c.tokens, std::max(kMinChunkTokens, workspace_budget() / per_token));
   const Workspace ws(c, chunk, options);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   dispatch_cache_dtype(c.w[kWInSharer].scalar_type(), "weights", [&](auto tag) {
     using T = typename decltype(tag)::type;
     Pipeline<T> pipeline(c, stream);
@@ -309,7 +307,7 @@ void run(const Call& c, const Sink& sink) {
 void fuse(const std::vector<at::Tensor>& receiver_caches, const std::vector<at::Tensor>& sharer_caches,
           const at::Tensor& receiver_slots, const at::Tensor& sharer_slots, const std::vector<at::Tensor>& weights,
           const std::vector<int64_t>& fusers) {
-  const c10::cuda::CUDAGuard guard(receiver_slots.device());
+  const DeviceGuard guard(receiver_slots.device());
   const Call c = unpack(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers);
   run(c, Sink{true, {}, {}});
 }
@@ -319,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor> project(const std::vector<at::Tensor>& receiv
                                            const at::Tensor& receiver_slots, const at::Tensor& sharer_slots,
                                            const std::vector<at::Tensor>& weights,
                                            const std::vector<int64_t>& fusers) {
-  const c10::cuda::CUDAGuard guard(receiver_slots.device());
+  const DeviceGuard guard(receiver_slots.device());
   const Call c = unpack(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers);
   const auto fp32 = receiver_slots.options().dtype(at::kFloat);
   const int64_t kt = c.w[kWOut].size(1);

@@ -35,7 +35,12 @@ __global__ void __launch_bounds__(kGatherThreads) gather_rows_kernel(const __gri
   const bool padding = load_slot(p.receiver_slots, rc.token) < 0;
   if (p.vectorized[entry]) {
     uint4 word = make_uint4(0, 0, 0, 0);
-    if (!padding) word = *reinterpret_cast<const uint4*>(slot_row(p.views[entry], load_slot(p.slots, rc.token), rc.head) + first);
+    if (!padding) {
+      const T* row = slot_row(p.views[entry], load_slot(p.slots, rc.token), rc.head) + first;
+      C2C_CHECK_ALIGNED16(row);
+      word = *reinterpret_cast<const uint4*>(row);
+    }
+    C2C_CHECK_ALIGNED16(out);
     *reinterpret_cast<uint4*>(out) = word;
     return;
   }
@@ -151,7 +156,7 @@ void launch_gather(const GatherParams<T>& params, int entries, cudaStream_t stre
   const int64_t work = static_cast<int64_t>(params.tokens) * params.heads * ((params.head_dim + V - 1) / V);
   if (work == 0 || entries == 0) return;
   const dim3 grid(static_cast<unsigned>((work + kGatherThreads - 1) / kGatherThreads), entries);
-  gather_rows_kernel<T><<<grid, kGatherThreads, 0, stream>>>(params);
+  C2C_LAUNCH(grid, kGatherThreads, stream, gather_rows_kernel<T>)(params);
 }
 
 // One block per row, a warp multiple of threads with at most kRowItems values each; the
@@ -162,7 +167,7 @@ void launch_row_epilogue(const RowEpilogueParams<T>& params, int entries, cudaSt
   const int per_thread_rows = (params.width + kRowItems - 1) / kRowItems;
   const int threads = std::min(1024, std::max(32, (per_thread_rows + 31) / 32 * 32));
   const dim3 grid(params.tokens, entries);
-  row_epilogue_kernel<T><<<grid, threads, 0, stream>>>(params);
+  C2C_LAUNCH(grid, threads, stream, row_epilogue_kernel<T>)(params);
 }
 
 template <typename T>
@@ -170,7 +175,7 @@ void launch_bias_epilogue(const BiasEpilogueParams<T>& params, int entries, cuda
   const int64_t work = static_cast<int64_t>(params.tokens) * params.width;
   if (work == 0 || entries == 0) return;
   const dim3 grid(static_cast<unsigned>((work + kElementwiseThreads - 1) / kElementwiseThreads), entries);
-  bias_epilogue_kernel<T><<<grid, kElementwiseThreads, 0, stream>>>(params);
+  C2C_LAUNCH(grid, kElementwiseThreads, stream, bias_epilogue_kernel<T>)(params);
 }
 
 template <typename T>
@@ -180,7 +185,7 @@ void launch_gelu(T* data, int64_t count, cudaStream_t stream) {
   const int64_t threads = std::max(vectors, count - vectors * V);  // the tail needs count % V threads
   if (threads == 0) return;
   const int64_t blocks = (threads + kElementwiseThreads - 1) / kElementwiseThreads;
-  gelu_kernel<T><<<static_cast<unsigned>(blocks), kElementwiseThreads, 0, stream>>>(data, vectors, count);
+  C2C_LAUNCH(static_cast<unsigned>(blocks), kElementwiseThreads, stream, gelu_kernel<T>)(data, vectors, count);
 }
 
 #define C2C_INSTANTIATE(T)                                                                  \

@@ -93,7 +93,7 @@ void launch_merge(const MergeParams<T, P>& params, int entries, cudaStream_t str
   const int64_t work = static_cast<int64_t>(params.tokens) * params.heads * ((params.head_dim + V - 1) / V);
   if (work == 0 || entries == 0) return;
   const dim3 grid(static_cast<unsigned>((work + kMergeThreads - 1) / kMergeThreads), entries);
-  gated_merge_kernel<T, P><<<grid, kMergeThreads, 0, stream>>>(params);
+  C2C_LAUNCH(grid, kMergeThreads, stream, gated_merge_kernel<T, P>)(params);
 }
 
 template void launch_merge<float, float>(const MergeParams<float, float>&, int, cudaStream_t);

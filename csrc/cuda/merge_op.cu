@@ -1,10 +1,8 @@
 // torch.ops.c2c_native.merge on CUDA: the parallel-mode merge of S sharers' fp32 corrections
 // (c2c::project outputs) into the receiver caches, one launch per group of entries.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <ATen/cuda/CUDAContext.h>
 
 #include "cuda/fuse_cuda.h"
+#include "cuda/runtime.h"
 #include "cuda/torch_params.h"
 
 namespace c2c::cuda {
@@ -46,7 +44,7 @@ void merge_typed(const std::vector<at::Tensor>& receivers, const at::Tensor& rec
     p.heads = static_cast<int32_t>(heads);
     p.head_dim = static_cast<int32_t>(head_dim);
     launch_merge(p, static_cast<int>(count), stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    C2C_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -56,10 +54,10 @@ void merge(const std::vector<at::Tensor>& receiver_caches, const at::Tensor& rec
            const std::vector<at::Tensor>& projections, const std::vector<at::Tensor>& head_scales) {
   const int64_t entries = static_cast<int64_t>(receiver_caches.size());
   if (entries == 0 || receiver_slots.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(receiver_slots.device());
+  const DeviceGuard guard(receiver_slots.device());
   const at::Tensor& first = receiver_caches[0];
   const at::Device device = first.device();
-  TORCH_CHECK(device.is_cuda(), "receiver_caches[0]: expected a CUDA tensor, got ", device);
+  TORCH_CHECK(device.type() == kKernelDevice, "receiver_caches[0]: expected a ", kKernelDevice, " tensor, got ", device);
   TORCH_CHECK(projections.size() % entries == 0 && head_scales.size() == projections.size() && !projections.empty(),
               "projections and head_scales: expected S * ", entries, " entries each (S sharers per receiver entry), got ",
               projections.size(), " and ", head_scales.size());
@@ -85,7 +83,7 @@ void merge(const std::vector<at::Tensor>& receiver_caches, const at::Tensor& rec
     y[k] = unit_inner_stride(projections[k]);
     a[k] = unit_inner_stride(head_scales[k]);
   }
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   dispatch_cache_dtype(first.scalar_type(), "receiver_caches", [&](auto tag) {
     using T = typename decltype(tag)::type;
     merge_typed<T>(receiver_caches, receiver_slots, y, a, sharers, stream);

@@ -7,11 +7,10 @@
 // host splits calls with more entries into several launches.
 #pragma once
 
-#include <cuda_runtime_api.h>
-
 #include <cstdint>
 
 #include "cache_view.h"
+#include "cuda/device_types.h"
 
 namespace c2c::cuda {
 

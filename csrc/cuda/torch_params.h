@@ -3,13 +3,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <cstdint>
 #include <utility>
 
 #include "cache_view.h"
+#include "cuda/device_types.h"
 #include "cuda/params.h"
 
 namespace c2c::cuda {

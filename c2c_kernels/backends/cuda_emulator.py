@@ -1,0 +1,72 @@
+"""The CUDA backend's own sources (``csrc/cuda``: host code, kernels, launch configurations)
+compiled for the CPU emulator of ``csrc/cuda/emulator``, so that they are tested on machines
+without a GPU. Every CUDA thread runs as a fiber and blocks run one after another: correct,
+and thousands of times slower than anything else here, so ``auto`` never picks it and
+benchmarks leave it out.
+
+Opt in with ``C2C_CUDA_EMULATOR=1`` (the test suite does). The first use builds it with
+``torch.utils.cpp_extension`` into ``build/cuda_emulator`` of the source tree (a few minutes
+on two cores, then cached), so it needs a source checkout and a C++ compiler, no CUDA toolkit.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEVICES = ("cpu",)
+EMULATOR = True  # backends.available() leaves emulators out
+
+_ROOT = Path(__file__).resolve().parents[2]
+_SOURCES = ["python/cuda_emulator.cpp", "csrc/cuda/emulator/emulator.cpp", "csrc/cuda/emulator/selftest.cpp",
+            *(f"csrc/cuda/emulator/{name}.cpp" for name in ("batched_linear", "fuse", "gather_norm", "merge",
+                                                             "merge_op"))]
+_module = None
+
+
+def _build():
+    global _module
+    if _module is None:
+        from torch.utils import cpp_extension
+        build = _ROOT / "build" / "cuda_emulator"
+        build.mkdir(parents=True, exist_ok=True)
+        _module = cpp_extension.load(
+            name="c2c_cuda_emulator", sources=[str(_ROOT / s) for s in _SOURCES],
+            extra_include_paths=[str(_ROOT / "csrc")],
+            # -fno-strict-aliasing: the kernels move 16-byte words through uint4 casts.
+            extra_cflags=["-O2", "-DC2C_CUDA_EMULATOR", "-fno-strict-aliasing", "-Wno-unknown-pragmas"],
+            build_directory=str(build), with_cuda=False, verbose=False)
+    return _module
+
+
+def unavailable():
+    if os.environ.get("C2C_CUDA_EMULATOR") != "1":
+        return "opt-in: set C2C_CUDA_EMULATOR=1 to build and use it (it runs the CUDA sources on the CPU, slowly)"
+    missing = [s for s in _SOURCES if not (_ROOT / s).exists()]
+    if missing:
+        return f"needs a source checkout: {missing[0]} is missing"
+    try:
+        _build()
+    except Exception as e:  # a failed build is reported as the reason, never raised at import
+        lines = str(e).strip().splitlines() or [repr(e)]
+        errors = [line.strip() for line in lines if "error" in line.lower()]
+        return f"the emulator build failed: {(errors or lines)[0]}"
+    return None
+
+
+def fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers):
+    _build().fuse(list(receiver_caches), list(sharer_caches), receiver_slots, sharer_slots, list(weights),
+                  list(fusers))
+
+
+def project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers):
+    return tuple(_build().project(list(receiver_caches), list(sharer_caches), receiver_slots, sharer_slots,
+                                  list(weights), list(fusers)))
+
+
+def selftest(name: str, blocks: int = 1, threads: int = 32) -> list[float]:
+    """Runs one of the emulator's own test kernels (csrc/cuda/emulator/selftest.cpp)."""
+    return _build().selftest(name, blocks, threads)
+
+
+def merge(receiver_caches, receiver_slots, projections, head_scales):
+    _build().merge(list(receiver_caches), receiver_slots, list(projections), list(head_scales))

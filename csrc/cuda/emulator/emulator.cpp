@@ -1,0 +1,279 @@
+// The fiber scheduler of the CPU emulator (see emulator.h).
+#include "cuda/emulator/emulator.h"
+
+#include <c10/util/Exception.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cuda/emulator/fiber_context.h"
+
+#if defined(__x86_64__) && defined(__linux__)
+// See fiber_context.h. The stack layout from the saved pointer up: MXCSR and the x87 control
+// word (8 bytes), r15, r14, r13, r12, rbx, rbp, return address.
+asm(R"(
+  .text
+  .globl c2c_emulator_switch
+  .hidden c2c_emulator_switch
+  .type c2c_emulator_switch, @function
+c2c_emulator_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size c2c_emulator_switch, .-c2c_emulator_switch
+)");
+#endif
+
+namespace c2c::cuda {
+
+thread_local uint3 blockIdx;
+thread_local uint3 threadIdx;
+thread_local dim3 blockDim;
+thread_local dim3 gridDim;
+
+namespace emulator {
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;  // kernels, and the unwinding of a fault, stay far below
+constexpr unsigned kMaxThreadsPerBlock = 1024;
+constexpr unsigned kMaxGridY = 65535, kMaxGridZ = 65535;
+constexpr unsigned kWarp = 32;
+
+// A fiber stack with an inaccessible guard page below it, so an overflow faults at once.
+class Stack {
+ public:
+  Stack() {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    bytes_ = kStackBytes + page;
+    void* memory = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    TORCH_CHECK(memory != MAP_FAILED, "cuda emulator: cannot map a fiber stack");
+    mprotect(memory, page, PROT_NONE);
+    memory_ = static_cast<char*>(memory);
+    page_ = page;
+  }
+  ~Stack() { munmap(memory_, bytes_); }
+  Stack(const Stack&) = delete;
+  Stack& operator=(const Stack&) = delete;
+  void* top_region() const { return memory_ + page_; }
+  size_t size() const { return bytes_ - page_; }
+
+ private:
+  char* memory_;
+  size_t bytes_, page_;
+};
+
+enum class State { kReady, kWaiting, kDone };
+
+struct Fiber {
+  FiberContext context;
+  State state;
+  uint3 index;
+};
+
+// The block being run on this OS thread.
+struct Block {
+  FiberContext scheduler;
+  std::vector<Fiber> fibers;
+  int current = 0;
+  bool direct = false;      // threads run as plain calls, without fibers
+  uint64_t generation = 0;  // barriers released so far
+  std::vector<float> exchange;
+  std::vector<uint64_t> exchange_generation;
+  const std::function<void()>* body = nullptr;
+};
+
+thread_local Block* active = nullptr;
+thread_local std::vector<std::unique_ptr<Stack>> stacks;
+thread_local std::string first_fault;
+
+// "csrc/...:line, block (x, y, z), thread (x, y, z)" of the running thread.
+std::string where(const char* file, int line) {
+  std::string path(file);
+  const size_t source_root = path.rfind("csrc/");
+  if (source_root != std::string::npos) path.erase(0, source_root);
+  return path + ":" + std::to_string(line) + ", block (" + std::to_string(blockIdx.x) + ", " +
+         std::to_string(blockIdx.y) + ", " + std::to_string(blockIdx.z) + "), thread (" +
+         std::to_string(threadIdx.x) + ", " + std::to_string(threadIdx.y) + ", " + std::to_string(threadIdx.z) +
+         ")";
+}
+
+// A fiber's first frame: runs the thread, then hands back to the scheduler for good.
+void fiber_main() {
+  Block& block = *active;
+  try {
+    (*block.body)();
+  } catch (const std::exception& e) {
+    if (first_fault.empty()) first_fault = std::string("exception in a kernel thread: ") + e.what();
+  } catch (...) {  // nothing may unwind past this frame: there is no caller below it
+    if (first_fault.empty()) first_fault = "unknown exception in a kernel thread";
+  }
+  Fiber& fiber = block.fibers[block.current];
+  fiber.state = State::kDone;
+  switch_context(fiber.context, block.scheduler);
+  std::abort();  // a finished fiber is never resumed
+}
+
+// Parks the running fiber and returns to the scheduler.
+void park(State state) {
+  Block& block = *active;
+  Fiber& fiber = block.fibers[block.current];
+  fiber.state = state;
+  switch_context(fiber.context, block.scheduler);
+}
+
+// The first block of a launch runs on fibers. When none of its threads waited at a barrier,
+// the kernel is taken to have none and the other blocks' threads run as plain calls, which
+// is many times faster; a barrier met there after all is reported as a fault, not ignored.
+void run_block_direct(Block& block) {
+  const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
+  block.direct = true;
+  for (unsigned i = 0; i < threads; ++i) {
+    block.current = static_cast<int>(i);
+    threadIdx = uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
+    try {
+      (*block.body)();
+    } catch (const std::exception& e) {
+      if (first_fault.empty()) first_fault = std::string("exception in a kernel thread: ") + e.what();
+    }
+  }
+}
+
+void run_block(Block& block) {
+  const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
+  while (stacks.size() < threads) stacks.push_back(std::make_unique<Stack>());
+  block.fibers.resize(threads);
+  for (unsigned i = 0; i < threads; ++i) {
+    Fiber& fiber = block.fibers[i];
+    fiber.index = uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
+    fiber.state = State::kReady;
+    start_context(fiber.context, stacks[i]->top_region(), stacks[i]->size(), fiber_main);
+  }
+  for (;;) {
+    bool waiting = false;
+    for (unsigned i = 0; i < threads; ++i) {
+      Fiber& fiber = block.fibers[i];
+      if (fiber.state != State::kReady) continue;
+      block.current = static_cast<int>(i);
+      threadIdx = fiber.index;
+      switch_context(block.scheduler, fiber.context);
+      waiting = waiting || fiber.state == State::kWaiting;
+    }
+    if (!waiting) return;  // every thread exited
+    // Every live thread is at the barrier: release it.
+    ++block.generation;
+    for (Fiber& fiber : block.fibers) {
+      if (fiber.state == State::kWaiting) fiber.state = State::kReady;
+    }
+  }
+}
+
+}  // namespace
+
+void fault(const char* what, const char* file, int line) {
+  if (first_fault.empty()) first_fault = std::string(what) + " at " + where(file, line);
+}
+
+void run_grid(const char* kernel, dim3 grid, dim3 block_dim, const std::function<void()>& body) {
+  const uint64_t threads = uint64_t{block_dim.x} * block_dim.y * block_dim.z;
+  TORCH_CHECK(threads >= 1 && threads <= kMaxThreadsPerBlock, "cuda emulator: ", kernel, " launched with ", threads,
+              " threads per block; a CUDA block holds 1 to ", kMaxThreadsPerBlock);
+  TORCH_CHECK(grid.x >= 1 && grid.x <= 0x7fffffffu && grid.y >= 1 && grid.y <= kMaxGridY && grid.z >= 1 &&
+                  grid.z <= kMaxGridZ,
+              "cuda emulator: ", kernel, " launched with grid (", grid.x, ", ", grid.y, ", ", grid.z,
+              "), outside CUDA's limits");
+  TORCH_CHECK(active == nullptr, "cuda emulator: a kernel launched another kernel");
+  Block block;
+  block.body = &body;
+  block.exchange.assign(threads, 0.f);
+  block.exchange_generation.assign(threads, ~uint64_t{0});
+  first_fault.clear();
+  gridDim = grid;
+  blockDim = block_dim;
+  active = &block;
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = uint3{x, y, z};
+        if (x == 0 && y == 0 && z == 0) {
+          run_block(block);
+        } else if (block.generation == 0) {
+          run_block_direct(block);
+        } else {
+          run_block(block);
+        }
+        if (!first_fault.empty()) break;
+      }
+      if (!first_fault.empty()) break;
+    }
+    if (!first_fault.empty()) break;
+  }
+  active = nullptr;
+  if (!first_fault.empty()) {
+    std::string message = std::move(first_fault);
+    first_fault.clear();
+    TORCH_CHECK(false, "cuda emulator: ", kernel, ": ", message);
+  }
+}
+
+}  // namespace emulator
+
+void __syncthreads() {
+  TORCH_CHECK(emulator::active != nullptr, "cuda emulator: __syncthreads outside a kernel");
+  if (emulator::active->direct) {
+    // Cannot wait without fibers; the thread goes on, and the launch reports the fault.
+    emulator::fault("__syncthreads in a block of a kernel whose first block met no barrier "
+                    "(the emulator ran it without fibers)", __FILE__, __LINE__);
+    return;
+  }
+  emulator::park(emulator::State::kWaiting);
+}
+
+// The lanes exchange through the block's buffer between two barriers. Every thread of the
+// block must shuffle together, which holds for the block-wide reductions of csrc/cuda.
+float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
+  emulator::Block& block = *emulator::active;
+  const unsigned self = static_cast<unsigned>(block.current);
+  const unsigned lane = self % emulator::kWarp;
+  const unsigned partner = self - lane + (lane ^ static_cast<unsigned>(lane_mask));
+  if (!(mask >> lane & 1u) || !(mask >> (lane ^ static_cast<unsigned>(lane_mask)) & 1u)) {
+    emulator::fault("__shfl_xor_sync with a lane outside its mask", __FILE__, __LINE__);
+  }
+  block.exchange[self] = value;
+  block.exchange_generation[self] = block.generation;
+  const uint64_t generation = block.generation;
+  __syncthreads();
+  float result = value;
+  if (partner >= block.exchange.size() || block.exchange_generation[partner] != generation) {
+    emulator::fault("__shfl_xor_sync with a lane that did not take part (exited, or past the block)", __FILE__,
+                    __LINE__);
+  } else {
+    result = block.exchange[partner];
+  }
+  __syncthreads();
+  return result;
+}
+
+}  // namespace c2c::cuda

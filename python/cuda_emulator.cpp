@@ -1,0 +1,18 @@
+// The CUDA backend's host code and kernels built for the CPU emulator (csrc/cuda/emulator):
+// the same fuse / project / merge as torch.ops.c2c_native on CUDA, taking CPU tensors.
+// Loaded by c2c_kernels/backends/cuda_emulator.py, for tests.
+#include <torch/extension.h>
+
+#include "cuda/fuse_cuda.h"
+
+namespace c2c::cuda::emulator {
+std::vector<float> selftest(const std::string& name, int64_t blocks, int64_t threads);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "csrc/cuda run on the CPU emulator";
+  m.def("fuse", &c2c::cuda::fuse);
+  m.def("project", &c2c::cuda::project);
+  m.def("merge", &c2c::cuda::merge);
+  m.def("selftest", &c2c::cuda::emulator::selftest, "run one of the emulator's own test kernels");
+}
