@@ -27,13 +27,17 @@ def _build():
     global _module
     if _module is None:
         from torch.utils import cpp_extension
-        build = _ROOT / "build" / "cuda_emulator"
+        # -fno-strict-aliasing: the kernels move 16-byte words through uint4 casts.
+        flags = ["-O2", "-DC2C_CUDA_EMULATOR", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
+        name = "c2c_cuda_emulator"
+        if os.environ.get("C2C_CUDA_EMULATOR_ASAN") == "1":  # see scripts/asan_cuda_emulator.sh
+            flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
+            name += "_asan"
+        build = _ROOT / "build" / name
         build.mkdir(parents=True, exist_ok=True)
         _module = cpp_extension.load(
-            name="c2c_cuda_emulator", sources=[str(_ROOT / s) for s in _SOURCES],
-            extra_include_paths=[str(_ROOT / "csrc")],
-            # -fno-strict-aliasing: the kernels move 16-byte words through uint4 casts.
-            extra_cflags=["-O2", "-DC2C_CUDA_EMULATOR", "-fno-strict-aliasing", "-Wno-unknown-pragmas"],
+            name=name, sources=[str(_ROOT / s) for s in _SOURCES], extra_include_paths=[str(_ROOT / "csrc")],
+            extra_cflags=flags, extra_ldflags=flags[-3:] if name.endswith("_asan") else [],
             build_directory=str(build), with_cuda=False, verbose=False)
     return _module
 

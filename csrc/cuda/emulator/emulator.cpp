@@ -13,6 +13,10 @@
 
 #include "cuda/emulator/fiber_context.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
+
 #if defined(__x86_64__) && defined(__linux__)
 // See fiber_context.h. The stack layout from the saved pointer up: MXCSR and the x87 control
 // word (8 bytes), r15, r14, r13, r12, rbx, rbp, return address.
@@ -125,6 +129,7 @@ void fiber_main() {
   Block& block = *active;
   try {
     (*block.body)();
+  } catch (const ThreadFault&) {  // recorded already
   } catch (const std::exception& e) {
     if (first_fault.empty()) first_fault = std::string("exception in a kernel thread: ") + e.what();
   } catch (...) {  // nothing may unwind past this frame: there is no caller below it
@@ -155,6 +160,7 @@ void run_block_direct(Block& block) {
     threadIdx = uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
     try {
       (*block.body)();
+    } catch (const ThreadFault&) {  // recorded already
     } catch (const std::exception& e) {
       if (first_fault.empty()) first_fault = std::string("exception in a kernel thread: ") + e.what();
     }
@@ -169,6 +175,10 @@ void run_block(Block& block) {
     Fiber& fiber = block.fibers[i];
     fiber.index = uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
     fiber.state = State::kReady;
+#if defined(__SANITIZE_ADDRESS__)
+    // The frames of the stack's last fiber left AddressSanitizer poison behind.
+    ASAN_UNPOISON_MEMORY_REGION(stacks[i]->top_region(), stacks[i]->size());
+#endif
     start_context(fiber.context, stacks[i]->top_region(), stacks[i]->size(), fiber_main);
   }
   for (;;) {

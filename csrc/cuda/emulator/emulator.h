@@ -77,8 +77,15 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, const std::function<voi
 // Records a fault of the running thread (the first one of a launch is reported).
 void fault(const char* what, const char* file, int line);
 
+// Thrown to stop a thread at a fault it must not run past (the access would be undefined
+// here too); the scheduler records it like any other fault.
+struct ThreadFault {};
+
 inline void check_aligned16(const void* pointer, const char* file, int line) {
-  if (reinterpret_cast<uintptr_t>(pointer) % 16 != 0) fault("misaligned 16-byte access", file, line);
+  if (reinterpret_cast<uintptr_t>(pointer) % 16 != 0) {
+    fault("misaligned 16-byte access", file, line);
+    throw ThreadFault{};
+  }
 }
 
 template <typename... Params>
