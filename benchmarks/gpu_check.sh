@@ -81,6 +81,8 @@ else
 fi
 
 # 2. The test suite, GPU rows included (conftest runs Triton natively when a GPU is visible).
+# The CPU emulator of the CUDA sources is for machines without a GPU: not built here.
+export C2C_CUDA_EMULATOR=${C2C_CUDA_EMULATOR:-0}
 XDIST=()
 if $PY -c "import xdist" 2>/dev/null; then
   XDIST=(-n "$(( $(nproc) / 2 < 8 ? $(nproc) / 2 : 8 ))")
@@ -92,7 +94,7 @@ say "        $(grep -E '[0-9]+ (passed|failed|error)' "$OUT/tests.log" | tail -n
 # 3. c2c-bench: the first workload, every fused layer, short to long prompts.
 # shellcheck disable=SC2086
 stage bench "${C2C_LIMIT_BENCH:-120}" "$OUT/bench.log" $PY -m c2c_kernels.bench --quiet \
-  ${C2C_BENCH_ARGS:---device cuda --tokens 64 512 4096 16384 --dtype bf16} \
+  ${C2C_BENCH_ARGS:---device cuda --tokens 64 1024 4096 16384 --dtype bf16} \
   --json "$OUT/bench.json" --plot "$OUT/bench.png"
 
 # 4. The microbenchmarks (fuse, project, merge per backend).
@@ -120,6 +122,18 @@ for r in data["rows"]:
         if r["speedup"]:
             status += f"  {r['speedup']:6.2f}x eager"
     print(f"  {r['dtype']:8s} {r['total_tokens']:6d} tok  {r['backend']:8s} {status}")
+PY
+$PY - "$OUT/micro.json" <<'PY' | tee -a "$SUMMARY"
+import json, sys
+try:
+    runs = json.load(open(sys.argv[1]))["benchmarks"]
+except (OSError, ValueError, KeyError) as e:
+    print(f"  no micro.json ({e})"); sys.exit()
+for run in runs:
+    info = run.get("extra_info", {})
+    if "ratio" in info:  # bench_cuda_merge.py: the merge alone against a copy (target >= 0.85)
+        print(f"  cuda merge alone: {info['merge_gbs']:.0f} GB/s, copy {info['copy_gbs']:.0f} GB/s, "
+              f"ratio {info['ratio']:.3f} ({info['entries']} entries x {info['tokens']} tokens)")
 PY
 say ""
 say "total $((SECONDS - START))s; $( [ $FAILED = 0 ] && echo 'every stage passed' || echo 'SOME STAGES FAILED: see the logs' ); files in $OUT"
