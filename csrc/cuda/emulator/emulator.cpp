@@ -223,24 +223,19 @@ void run_grid(const char* kernel, dim3 grid, dim3 block_dim, const std::function
   gridDim = grid;
   blockDim = block_dim;
   active = &block;
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = uint3{x, y, z};
-        if (x == 0 && y == 0 && z == 0) {
-          run_block(block);
-        } else if (block.generation == 0) {
-          run_block_direct(block);
-        } else {
-          run_block(block);
-        }
-        if (!first_fault.empty()) break;
-      }
-      if (!first_fault.empty()) break;
+  struct Deactivate {  // also when a block throws (a stack that cannot be mapped)
+    ~Deactivate() { active = nullptr; }
+  } deactivate;
+  const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
+  for (uint64_t b = 0; b < blocks && first_fault.empty(); ++b) {
+    blockIdx = uint3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
+                     static_cast<unsigned>(b / (uint64_t{grid.x} * grid.y))};
+    if (b == 0 || block.generation != 0) {
+      run_block(block);
+    } else {
+      run_block_direct(block);
     }
-    if (!first_fault.empty()) break;
   }
-  active = nullptr;
   if (!first_fault.empty()) {
     std::string message = std::move(first_fault);
     first_fault.clear();
