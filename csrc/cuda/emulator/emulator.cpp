@@ -81,7 +81,7 @@ class Stack {
   ~Stack() { munmap(memory_, bytes_); }
   Stack(const Stack&) = delete;
   Stack& operator=(const Stack&) = delete;
-  void* top_region() const { return memory_ + page_; }
+  void* base() const { return memory_ + page_; }  // lowest usable address, above the guard page
   size_t size() const { return bytes_ - page_; }
 
  private:
@@ -95,11 +95,17 @@ struct Fiber {
   FiberContext context;
   State state;
   uint3 index;
+  void* stack_bottom;
+  size_t stack_size;
+  void* asan_fake_stack;
 };
 
 // The block being run on this OS thread.
 struct Block {
   FiberContext scheduler;
+  const void* scheduler_bottom = nullptr;  // the OS thread's stack, as AddressSanitizer sees it
+  size_t scheduler_size = 0;
+  void* scheduler_fake_stack = nullptr;
   std::vector<Fiber> fibers;
   int current = 0;
   bool direct = false;      // threads run as plain calls, without fibers
@@ -124,9 +130,29 @@ std::string where(const char* file, int line) {
          ")";
 }
 
+// AddressSanitizer is told of every stack switch (before it: the stack being entered; after
+// it: back on a stack), or it warns and may misreport after an exception on a fiber stack.
+// Both are no-ops in a normal build.
+inline void before_switch(void** fake_stack_save, const void* bottom, size_t size) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_start_switch_fiber(fake_stack_save, bottom, size);
+#else
+  (void)fake_stack_save, (void)bottom, (void)size;
+#endif
+}
+
+inline void after_switch(void* fake_stack, const void** bottom_old = nullptr, size_t* size_old = nullptr) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(fake_stack, bottom_old, size_old);
+#else
+  (void)fake_stack, (void)bottom_old, (void)size_old;
+#endif
+}
+
 // A fiber's first frame: runs the thread, then hands back to the scheduler for good.
 void fiber_main() {
   Block& block = *active;
+  after_switch(nullptr, &block.scheduler_bottom, &block.scheduler_size);
   try {
     (*block.body)();
   } catch (const ThreadFault&) {  // recorded already
@@ -137,6 +163,7 @@ void fiber_main() {
   }
   Fiber& fiber = block.fibers[block.current];
   fiber.state = State::kDone;
+  before_switch(nullptr, block.scheduler_bottom, block.scheduler_size);  // null: this stack is done
   switch_context(fiber.context, block.scheduler);
   std::abort();  // a finished fiber is never resumed
 }
@@ -146,7 +173,9 @@ void park(State state) {
   Block& block = *active;
   Fiber& fiber = block.fibers[block.current];
   fiber.state = state;
+  before_switch(&fiber.asan_fake_stack, block.scheduler_bottom, block.scheduler_size);
   switch_context(fiber.context, block.scheduler);
+  after_switch(fiber.asan_fake_stack);
 }
 
 // The first block of a launch runs on fibers. When none of its threads waited at a barrier,
@@ -175,11 +204,14 @@ void run_block(Block& block) {
     Fiber& fiber = block.fibers[i];
     fiber.index = uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
     fiber.state = State::kReady;
+    fiber.stack_bottom = stacks[i]->base();
+    fiber.stack_size = stacks[i]->size();
+    fiber.asan_fake_stack = nullptr;
 #if defined(__SANITIZE_ADDRESS__)
     // The frames of the stack's last fiber left AddressSanitizer poison behind.
-    ASAN_UNPOISON_MEMORY_REGION(stacks[i]->top_region(), stacks[i]->size());
+    ASAN_UNPOISON_MEMORY_REGION(stacks[i]->base(), stacks[i]->size());
 #endif
-    start_context(fiber.context, stacks[i]->top_region(), stacks[i]->size(), fiber_main);
+    start_context(fiber.context, stacks[i]->base(), stacks[i]->size(), fiber_main);
   }
   for (;;) {
     bool waiting = false;
@@ -188,7 +220,9 @@ void run_block(Block& block) {
       if (fiber.state != State::kReady) continue;
       block.current = static_cast<int>(i);
       threadIdx = fiber.index;
+      before_switch(&block.scheduler_fake_stack, fiber.stack_bottom, fiber.stack_size);
       switch_context(block.scheduler, fiber.context);
+      after_switch(block.scheduler_fake_stack);
       waiting = waiting || fiber.state == State::kWaiting;
     }
     if (!waiting) return;  // every thread exited
