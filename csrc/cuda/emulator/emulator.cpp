@@ -149,18 +149,29 @@ inline void after_switch(void* fake_stack, const void** bottom_old = nullptr, si
 #endif
 }
 
-// A fiber's first frame: runs the thread, then hands back to the scheduler for good.
-void fiber_main() {
-  Block& block = *active;
-  after_switch(nullptr, &block.scheduler_bottom, &block.scheduler_size);
+// threadIdx of the i-th thread of a block (x fastest).
+uint3 thread_index(unsigned i) {
+  return uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
+}
+
+// Runs the current thread's body; what it throws becomes the launch's fault (on a fiber,
+// nothing may unwind further: there is no caller below fiber_main).
+void run_thread(Block& block) {
   try {
     (*block.body)();
   } catch (const ThreadFault&) {  // recorded already
   } catch (const std::exception& e) {
     if (first_fault.empty()) first_fault = std::string("exception in a kernel thread: ") + e.what();
-  } catch (...) {  // nothing may unwind past this frame: there is no caller below it
+  } catch (...) {
     if (first_fault.empty()) first_fault = "unknown exception in a kernel thread";
   }
+}
+
+// A fiber's first frame: runs the thread, then hands back to the scheduler for good.
+void fiber_main() {
+  Block& block = *active;
+  after_switch(nullptr, &block.scheduler_bottom, &block.scheduler_size);
+  run_thread(block);
   Fiber& fiber = block.fibers[block.current];
   fiber.state = State::kDone;
   before_switch(nullptr, block.scheduler_bottom, block.scheduler_size);  // null: this stack is done
@@ -186,13 +197,8 @@ void run_block_direct(Block& block) {
   block.direct = true;
   for (unsigned i = 0; i < threads; ++i) {
     block.current = static_cast<int>(i);
-    threadIdx = uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
-    try {
-      (*block.body)();
-    } catch (const ThreadFault&) {  // recorded already
-    } catch (const std::exception& e) {
-      if (first_fault.empty()) first_fault = std::string("exception in a kernel thread: ") + e.what();
-    }
+    threadIdx = thread_index(i);
+    run_thread(block);
   }
 }
 
@@ -202,7 +208,7 @@ void run_block(Block& block) {
   block.fibers.resize(threads);
   for (unsigned i = 0; i < threads; ++i) {
     Fiber& fiber = block.fibers[i];
-    fiber.index = uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
+    fiber.index = thread_index(i);
     fiber.state = State::kReady;
     fiber.stack_bottom = stacks[i]->base();
     fiber.stack_size = stacks[i]->size();
