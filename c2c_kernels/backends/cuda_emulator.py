@@ -29,15 +29,16 @@ def _build():
         from torch.utils import cpp_extension
         # -fno-strict-aliasing: the kernels move 16-byte words through uint4 casts.
         flags = ["-O2", "-DC2C_CUDA_EMULATOR", "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
+        sanitizer = []
         name = "c2c_cuda_emulator"
         if os.environ.get("C2C_CUDA_EMULATOR_ASAN") == "1":  # see scripts/asan_cuda_emulator.sh
-            flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
+            sanitizer = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
             name += "_asan"
         build = _ROOT / "build" / name
         build.mkdir(parents=True, exist_ok=True)
         _module = cpp_extension.load(
             name=name, sources=[str(_ROOT / s) for s in _SOURCES], extra_include_paths=[str(_ROOT / "csrc")],
-            extra_cflags=flags, extra_ldflags=flags[-3:] if name.endswith("_asan") else [],
+            extra_cflags=flags + sanitizer, extra_ldflags=sanitizer,
             build_directory=str(build), with_cuda=False, verbose=False)
     return _module
 
