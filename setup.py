@@ -57,9 +57,11 @@ setup(
     description="Fast Cache-to-Cache (C2C) KV-cache fusion: Triton and CUDA kernels with a PyTorch op layer",
     packages=find_packages(include=["c2c_kernels", "c2c_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy"],
+    # torch: 2.11 is the lowest one tested (CI: scripts/ci_lowest_torch.sh), 2.14 the highest; on
+    # 2.11 and 2.12 torch.compile's inductor refuses the in-place ops (c2c_kernels/compat.py).
+    install_requires=["torch>=2.11,<2.15", "numpy"],
     extras_require={
-        "triton": ["triton>=3.6"],
+        "triton": ["triton>=3.6"],  # triton < 3.8's interpreter (CPU tests) needs numpy<2.4
         "test": ["pytest", "pytest-benchmark", "expecttest"],
         "bench": ["matplotlib", "tqdm"],
         "hf": ["transformers>=4.51", "tokenizers"],  # tested with 4.51.3 and 5.24.0

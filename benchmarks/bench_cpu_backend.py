@@ -27,7 +27,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import torch
 
@@ -36,20 +35,10 @@ from c2c_kernels import backends, layouts
 from c2c_kernels.checkpoint import make_checkpoint
 from c2c_kernels.eager import EagerC2C
 from c2c_kernels.reference import flops_per_token
-from c2c_kernels.testing import WORKLOADS
+from c2c_kernels.bench import timing
+from c2c_kernels.bench.workloads import WORKLOADS
 
 WORKLOAD = "qwen3-0.6b+qwen2.5-0.5b"
-
-
-def _time(fn, min_time: float) -> float:
-    """Seconds per call: at least one call, repeated until ``min_time`` has passed."""
-    calls, start = 0, time.perf_counter()
-    while True:
-        fn()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time:
-            return elapsed / calls
 
 
 def _interleaved(candidates: dict, rounds: int, min_time: float) -> dict[str, float]:
@@ -59,7 +48,7 @@ def _interleaved(candidates: dict, rounds: int, min_time: float) -> dict[str, fl
     samples = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
-            samples[name].append(_time(fn, min_time))
+            samples[name].append(timing.time_per_call(fn, min_time))
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
@@ -144,8 +133,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if isinstance(backends._load("cpu"), str):
-        print(f"cpu backend unavailable: {backends._load('cpu')}", file=sys.stderr)
+    if backends.reason("cpu") is not None:
+        print(f"cpu backend unavailable: {backends.reason('cpu')}", file=sys.stderr)
         return 1
 
     caps = torch._C._cpu._get_cpu_capability() if hasattr(torch._C, "_cpu") else {}

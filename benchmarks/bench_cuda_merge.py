@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from c2c_kernels import backends
-from c2c_kernels.testing import WORKLOADS, make_cache
+from c2c_kernels.bench.timing import time_gpu_back_to_back
+from c2c_kernels.bench.workloads import WORKLOADS
+from c2c_kernels.testing import make_cache
 
 WORKLOAD = "qwen3-0.6b+qwen2.5-0.5b"
 TOKENS = 4096
@@ -29,24 +31,12 @@ ITERATIONS = 20
 def _skip_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no GPU"
-    module = backends._load("cuda")
-    return module if isinstance(module, str) else None
+    return backends.reason("cuda")
 
 
 def time_ms(call, iterations: int = ITERATIONS) -> float:
     """Milliseconds per call, back to back on the current stream (launch cost hidden)."""
-    call()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(3):
-        start.record()
-        for _ in range(iterations):
-            call()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / iterations)
-    return best
+    return time_gpu_back_to_back(call, iterations)
 
 
 def merge_inputs(tokens: int = TOKENS, workload: str = WORKLOAD, seed: int = 0):

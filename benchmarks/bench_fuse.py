@@ -3,11 +3,11 @@ research-style eager fuser on the same rows for comparison."""
 import pytest
 
 from c2c_kernels.bench import runners
-from conftest import backend_params, inputs_for, synchronized
+from c2c_kernels.bench.timing import synchronized
 
 
-@pytest.mark.parametrize("device,backend,tokens", backend_params(extra=(runners.EAGER,)))
-def test_fuse(benchmark, device, backend, tokens):
+@pytest.mark.backends(extra=(runners.EAGER,))
+def test_fuse(benchmark, inputs_for, device, backend, tokens):
     inputs = inputs_for(device, tokens)
     benchmark.group = f"fuse {device} {tokens} tokens"
     benchmark.extra_info.update(flops=inputs.flops(), bytes=inputs.bytes())

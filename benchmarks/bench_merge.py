@@ -3,12 +3,12 @@
 import pytest
 
 from c2c_kernels import merge, project
-from conftest import backend_params, inputs_for, synchronized
+from c2c_kernels.bench.timing import synchronized
 from bench_project import _views
 
 
-@pytest.mark.parametrize("device,backend,tokens", backend_params("merge"))
-def test_merge(benchmark, device, backend, tokens):
+@pytest.mark.backends(op="merge")
+def test_merge(benchmark, inputs_for, device, backend, tokens):
     inputs = inputs_for(device, tokens)
     receivers, sharers = _views(inputs)
     projection, head_scale = project(receivers, sharers, inputs.receiver_slots, inputs.sharer_slots,

@@ -2,7 +2,7 @@
 import pytest
 
 from c2c_kernels import project
-from conftest import backend_params, inputs_for, synchronized
+from c2c_kernels.bench.timing import synchronized
 
 
 def _views(inputs):
@@ -11,8 +11,8 @@ def _views(inputs):
     return receivers, sharers
 
 
-@pytest.mark.parametrize("device,backend,tokens", backend_params("project"))
-def test_project(benchmark, device, backend, tokens):
+@pytest.mark.backends(op="project")
+def test_project(benchmark, inputs_for, device, backend, tokens):
     inputs = inputs_for(device, tokens)
     receivers, sharers = _views(inputs)
     fusers = list(range(inputs.fusers))

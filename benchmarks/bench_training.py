@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from c2c_kernels import random_weights, reference
-from c2c_kernels.testing import WORKLOADS
+from c2c_kernels.bench import timing
+from c2c_kernels.bench.workloads import WORKLOADS
 from c2c_kernels.training import FuserTrainer, saved_bytes_per_token
 from c2c_kernels.weights import FuserWeights
 
@@ -70,7 +70,7 @@ class ResearchFuser(nn.Module):
 
     @staticmethod
     def block(z, norm, w1, w2):
-        normed = (z.float() * torch.rsqrt(z.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(z.dtype) * norm
+        normed = (z.float() * torch.rsqrt(z.float().pow(2).mean(-1, keepdim=True) + reference.RMS_EPS)).to(z.dtype) * norm
         return z + F.dropout(F.linear(F.gelu(F.linear(normed, w1)), w2), 0.1, True)
 
     def forward(self, s, x, temperature, heads):
@@ -144,11 +144,6 @@ def step_functions(impl, args, dtype, device):
     return step, params, [sharer, receiver], w
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(impls, args, dtype, device):
     """{impl: (median wall s, median process CPU s, saved bytes, peak bytes)}: each impl warmed
     up and measured for memory on its own, then timed in interleaved rounds (a shared machine's
@@ -158,23 +153,20 @@ def measure(impls, args, dtype, device):
         step, params, rows, _ = step_functions(impl, args, dtype, device)
         step()  # warm-up (and compilation); optimizer state allocated
         counter = SavedBytes(params + rows)
-        sync(device)
+        timing.synchronize(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
         step(counter)
-        sync(device)
+        timing.synchronize(device)
         peak[impl] = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else None
         saved[impl], steps[impl] = counter.total, step
     wall, cpu = {impl: [] for impl in impls}, {impl: [] for impl in impls}
     for _ in range(args.steps):
         for impl in impls:
-            sync(device)
-            w0, c0 = time.perf_counter(), time.process_time()
-            steps[impl]()
-            sync(device)
-            wall[impl].append(time.perf_counter() - w0)
-            cpu[impl].append(time.process_time() - c0)
+            sample = timing.measure(steps[impl], device)
+            wall[impl].append(sample.wall_s)
+            cpu[impl].append(sample.cpu_s)
     return {impl: (statistics.median(wall[impl]), statistics.median(cpu[impl]), saved[impl], peak[impl])
             for impl in impls}
 

@@ -41,22 +41,9 @@ def fuse(receiver_k: Tensor, receiver_v: Tensor, sharer_k: Tensor, sharer_v: Ten
 
 
 def _plan(ckpt: Checkpoint, sharer: int | None):
-    """(receiver_layer, side, sharer_layer, fuser) of every open fuser: computed once per checkpoint."""
-    cache = ckpt.__dict__.setdefault("_plans", {})
-    if sharer not in cache:
-        sharers = {layer.sharer for layer in ckpt.layers}
-        if sharer is None and len(sharers) > 1:
-            raise ValueError(f"checkpoint maps sharers {sorted(sharers)}: pass sharer= to pick one")
-        plan = []
-        for layer in ckpt.layers:
-            if sharer is not None and layer.sharer != sharer:
-                continue
-            p = layer.params
-            for side, fuser, is_open in ((0, p.key_fuser, p.key_open), (1, p.value_fuser, p.value_open)):
-                if is_open:
-                    plan.append((layer.receiver_layer, side, layer.sharer_layer, fuser))
-        cache[sharer] = plan
-    return cache[sharer]
+    """Rounds of (receiver_layer, side, sharer_layer, fuser), every open fuser: computed when the
+    checkpoint was built (it is immutable), so nothing is cached here and tracing sees constants."""
+    return ckpt.fusion_plan(sharer)
 
 
 def _entries(plan, receiver_kv, sharer_kv):
@@ -84,10 +71,13 @@ def fuse_all(ckpt: Checkpoint | Sequence[Checkpoint], receiver_kv: Sequence[KV],
     pass lists of ``sharer_kv`` and ``sharer_slots``), ``mode="parallel"`` computes every
     sharer's correction from the clean receiver rows and adds them all (``c2c::project`` per
     sharer, then one ``c2c::merge``); ``mode="sequential"`` fuses sharer after sharer.
+    A receiver layer mapped to several pairs fuses the first (``ckpt.pairs == "first"``, the
+    default) or, with ``pairs="all"``, each in turn: one call per pair, sequential on the
+    receiver rows (in parallel mode, every pair's correction from the clean rows).
     """
     if isinstance(ckpt, Checkpoint):
-        receivers, sharers, fusers = _entries(_plan(ckpt, sharer), receiver_kv, sharer_kv)
-        if fusers:
+        for round_ in _plan(ckpt, sharer):
+            receivers, sharers, fusers = _entries(round_, receiver_kv, sharer_kv)
             torch.ops.c2c.fuse(receivers, sharers, receiver_slots, sharer_slots, list(ckpt.weights),
                                fusers, backend, check_slots)
         return
@@ -106,14 +96,12 @@ def fuse_all(ckpt: Checkpoint | Sequence[Checkpoint], receiver_kv: Sequence[KV],
     # views fused by the same number of sharers.
     contributions = defaultdict(list)  # (receiver_layer, side) -> [(projection, head_scale)]
     for c, kv, slots in zip(ckpts, sharer_kv, sharer_slots):
-        plan = _plan(c, None)
-        receivers, sharers, fusers = _entries(plan, receiver_kv, kv)
-        if not fusers:
-            continue
-        projection, head_scale = torch.ops.c2c.project(
-            receivers, sharers, receiver_slots, slots, list(c.weights), fusers, backend, check_slots)
-        for row, (receiver_layer, side, _, _) in enumerate(plan):
-            contributions[(receiver_layer, side)].append((projection[row], head_scale[row]))
+        for round_ in _plan(c, None):
+            receivers, sharers, fusers = _entries(round_, receiver_kv, kv)
+            projection, head_scale = torch.ops.c2c.project(
+                receivers, sharers, receiver_slots, slots, list(c.weights), fusers, backend, check_slots)
+            for row, (receiver_layer, side, _, _) in enumerate(round_):
+                contributions[(receiver_layer, side)].append((projection[row], head_scale[row]))
     groups = defaultdict(list)
     for key, parts in contributions.items():
         groups[len(parts)].append(key)

@@ -51,16 +51,14 @@ class EagerFuser(nn.Module):
 
     def __init__(self, weights: FuserWeights, index: int):
         super().__init__()
-        w = [t[index] for t in weights]
-        (w_in_s, w_in_r, b_in, ffn_norm, ffn_w1, ffn_w2, head_norm, head_w1, head_w2,
-         w_head, b_head, w_out, b_out, gate_logit) = w
-        self.input = _linear(torch.cat([w_in_s, w_in_r], 1), b_in)  # the concat layout of W_in
-        self.mlp1 = _FFN(ffn_norm[0], ffn_w1[0], ffn_w2[0])
-        self.scalar_mlp = _FFN(head_norm, head_w1, head_w2)
-        self.scalar_head = _linear(w_head, b_head)
-        self.proj_mlp = nn.ModuleList(_FFN(ffn_norm[b], ffn_w1[b], ffn_w2[b]) for b in range(1, ffn_w1.shape[0]))
-        self.proj_out = _linear(w_out, b_out)
-        self.register_buffer("gate_logit", gate_logit.clone())
+        w = FuserWeights(*(t[index] for t in weights))
+        self.input = _linear(torch.cat([w.w_in_sharer, w.w_in_receiver], 1), w.b_in)  # the concat layout of W_in
+        self.mlp1 = _FFN(w.ffn_norm[0], w.ffn_w1[0], w.ffn_w2[0])
+        self.scalar_mlp = _FFN(w.head_norm, w.head_w1, w.head_w2)
+        self.scalar_head = _linear(w.w_head, w.b_head)
+        self.proj_mlp = nn.ModuleList(_FFN(w.ffn_norm[b], w.ffn_w1[b], w.ffn_w2[b]) for b in range(1, w.ffn_w1.shape[0]))
+        self.proj_out = _linear(w.w_out, w.b_out)
+        self.register_buffer("gate_logit", w.gate_logit.clone())
 
     def forward(self, sharer: torch.Tensor, receiver: torch.Tensor) -> torch.Tensor:
         """``sharer [B, Hs, N, Ds]``, ``receiver [B, Ht, N, Dt]`` -> fused receiver ``[B, Ht, N, Dt]``."""

@@ -23,7 +23,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import backends
+from . import aliasing, backends, slots, status
+from . import weights as schema
 from .weights import FuserWeights
 
 CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -41,30 +42,27 @@ def check_weights(weights: Sequence[Tensor]) -> FuserWeights:
         _fail(f"weights: expected the {len(FuserWeights._fields)} stacked tensors of FuserWeights "
               f"{FuserWeights._fields}, got {len(weights)}")
     w = FuserWeights(*weights)
-    p, h, ks = w.w_in_sharer.shape if w.w_in_sharer.dim() == 3 else _fail(
-        f"weights.w_in_sharer: expected [fusers, hidden, sharer_width], got {list(w.w_in_sharer.shape)}")
-    if w.ffn_w1.dim() != 4:
-        _fail(f"weights.ffn_w1: expected [fusers, blocks, intermediate, hidden], got {list(w.ffn_w1.shape)}")
-    nb, i = w.ffn_w1.shape[1], w.ffn_w1.shape[2]
-    if w.w_head.dim() != 3:
-        _fail(f"weights.w_head: expected [fusers, receiver_heads, hidden], got {list(w.w_head.shape)}")
-    if w.w_in_receiver.dim() != 3:
-        _fail(f"weights.w_in_receiver: expected [fusers, hidden, receiver_width], got {list(w.w_in_receiver.shape)}")
-    ht, kt = w.w_head.shape[1], w.w_in_receiver.shape[2]
-    expected = FuserWeights(
-        (p, h, ks), (p, h, kt), (p, h), (p, nb, h), (p, nb, i, h), (p, nb, h, i), (p, h), (p, h, h),
-        (p, h, h), (p, ht, h), (p, ht), (p, kt, h), (p, kt), (p,))
+    # The shapes and dtypes come from the schema (c2c_kernels.weights.FIELDS): first the ranks
+    # of the tensors the dimensions are read from, then every stack against them.
+    for i, rank in schema.DIM_RANKS:
+        if w[i].dim() != rank:
+            name = schema.FIELDS[i].name
+            _fail(f"weights.{name}: expected [{', '.join(schema.DIMS[s].name for s in schema.FIELD_SHAPES[name])}], "
+                  f"got {list(w[i].shape)}")
+    sizes = tuple([w[i].shape[axis] for i, axis in schema.DIM_AT])  # in schema.DIMS order
     dtype, device = w.w_in_sharer.dtype, w.w_in_sharer.device
     if dtype not in CACHE_DTYPES:
         _fail(f"weights: dtype {dtype} is not supported (expected one of {list(CACHE_DTYPES)})")
-    for name, t, shape in zip(FuserWeights._fields, w, expected):
-        if tuple(t.shape) != shape:
-            _fail(f"weights.{name}: expected shape {list(shape)}, got {list(t.shape)}")
+    for f, t, shape in zip(schema.FIELDS, w, schema.stack_shapes(sizes)):
+        if t.shape != shape:
+            _fail(f"weights.{f.name}: expected shape {list(shape)}, got {list(t.shape)}")
         if t.device != device:
-            _fail(f"weights.{name}: on {t.device}, expected {device} like the other weights")
-        want = torch.float32 if name == "gate_logit" else dtype
+            _fail(f"weights.{f.name}: on {t.device}, expected {device} like the other weights")
+        want = torch.float32 if f.fp32 else dtype
         if t.dtype != want:
-            _fail(f"weights.{name}: dtype {t.dtype}, expected {want}")
+            _fail(f"weights.{f.name}: dtype {t.dtype}, expected {want}")
+    dims = dict(zip(schema.DIMS, sizes))
+    nb, ht, kt = dims["B"], dims["Ht"], dims["Kt"]
     if nb < 2:
         _fail(f"weights.ffn_w1: {nb} FFN blocks on the projection path, expected >= 2 (num_layers >= 3)")
     if kt % ht:
@@ -112,34 +110,42 @@ def _check_views(name: str, views: Sequence[Tensor], dtype, device, heads: int |
                   f"one slot tensor addresses every entry, so all must share one pool geometry")
 
 
-def _check_distinct(name: str, views: Sequence[Tensor]) -> None:
-    keys = [(v.data_ptr(), v.stride()) for v in views]
-    if len(set(keys)) == len(keys):
-        return
-    for i, key in enumerate(keys):
-        first = keys.index(key)
-        if first != i:
-            _fail(f"{name}[{i}] is the same view as {name}[{first}]; each entry must write its own rows")
+def _check_pool(name: str, view: Tensor) -> None:
+    if view.shape[0] == 0 or view.shape[1] == 0:
+        _fail(f"{name}: an empty pool ({view.shape[0]} pages x {view.shape[1]} entries per page); "
+              f"a pool needs at least one page and a page size >= 1")
+
+
+def _check_receivers_disjoint(name: str, views: Sequence[Tensor]):
+    """Receiver views are written: no view may alias itself (e.g. expanded, stride 0) and no two
+    may share memory, or one entry would read rows another has already written. Returns the
+    views' extents for the sharer overlap test."""
+    ext = aliasing._Extents(views)
+    i = aliasing.self_aliasing(views, ext)
+    if i is not None:
+        v = views[i]
+        _fail(f"{name}[{i}]: shape {list(v.shape)} with strides {list(v.stride())} makes different rows "
+              f"share memory (an expanded or overlapping view); each written row needs its own memory")
+    pair = aliasing.first_overlap(views, ext) if len(views) > 1 else None
+    if pair is not None:
+        i, j = pair
+        _fail(f"{name}[{j}] shares memory with {name}[{i}]; each entry must write its own rows (for K and V "
+              f"of a layer pass two views of distinct memory)")
+    return ext
 
 
 def check_slot_ranges(receiver_caches, sharer_caches, receiver_slots, sharer_slots) -> None:
-    """The debug check: slots inside their pools, receiver slots unique. Syncs with the host."""
-    rc, sc = receiver_caches[0], sharer_caches[0] if sharer_caches else None
-    valid = receiver_slots >= 0
-    rs = receiver_slots[valid].long()
-    r_cap = rc.shape[0] * rc.shape[1]
-    if rs.numel() and int(rs.max()) >= r_cap:
-        _fail(f"receiver_slots: slot {int(rs.max())} is out of range for a receiver pool of "
-              f"{rc.shape[0]} pages x {rc.shape[1]} entries ({r_cap} slots)")
+    """The debug check: errors recorded on the device by earlier calls, slots inside their pools,
+    receiver slots unique. Syncs with the host."""
+    status.raise_pending_errors(receiver_slots.device)
+    rows_r = slots.rows(receiver_caches[0])
+    rows_s = slots.rows(sharer_caches[0]) if sharer_caches else 0
+    _, _, errors = slots.prepare(receiver_slots, sharer_slots, rows_r, rows_s, dedupe=False)
+    slots.raise_first(errors)
+    rs = receiver_slots[receiver_slots >= 0]
     if rs.unique().numel() != rs.numel():
-        _fail("receiver_slots: a slot appears more than once; each fused token needs its own row")
-    if sc is not None:
-        ss = sharer_slots[valid].long()
-        s_cap = sc.shape[0] * sc.shape[1]
-        if ss.numel() and (int(ss.min()) < 0 or int(ss.max()) >= s_cap):
-            bad = int(ss.min()) if int(ss.min()) < 0 else int(ss.max())
-            _fail(f"sharer_slots: slot {bad} (for a non-padding token) is out of range [0, {s_cap}) "
-                  f"for a sharer pool of {sc.shape[0]} pages x {sc.shape[1]} entries")
+        _fail("receiver_slots: a slot appears more than once (check_slots=True rejects duplicates; without it "
+              "the last token with that slot is written)")
 
 
 def _is_fake(t: Tensor) -> bool:
@@ -148,6 +154,14 @@ def _is_fake(t: Tensor) -> bool:
 
 def check_fuse_args(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
                     *, check_slots: bool = False) -> FuserWeights:
+    """Every documented check of c2c::fuse / c2c::project; returns the weights as FuserWeights."""
+    return _check_fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
+                       check_slots)[0]
+
+
+def _check_fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, check_slots):
+    """``(weights, sharers_overlap)``: the checks, and whether a sharer view shares memory with a
+    receiver view (then corrections must all be computed before any row is written)."""
     w = check_weights(weights)
     r = len(receiver_caches)
     if len(sharer_caches) != r or len(fusers) != r:
@@ -164,11 +178,16 @@ def check_fuse_args(receiver_caches, sharer_caches, receiver_slots, sharer_slots
     if sharer_slots.shape[0] != receiver_slots.shape[0]:
         _fail(f"sharer_slots: {sharer_slots.shape[0]} slots, expected one per receiver slot "
               f"({receiver_slots.shape[0]})")
+    if r:
+        _check_pool("receiver_caches[0]", receiver_caches[0])
+        _check_pool("sharer_caches[0]", sharer_caches[0])
+    overlap = False
     if r and not _is_fake(receiver_caches[0]):
-        _check_distinct("receiver_caches", receiver_caches)
+        ext = _check_receivers_disjoint("receiver_caches", receiver_caches)
+        overlap = aliasing.any_cross_overlap(sharer_caches, receiver_caches, ext)
         if check_slots:
             check_slot_ranges(receiver_caches, sharer_caches, receiver_slots, sharer_slots)
-    return w
+    return w, overlap
 
 
 def check_merge_args(receiver_caches, receiver_slots, projections, head_scales, *, check_slots=False) -> int:
@@ -195,8 +214,9 @@ def check_merge_args(receiver_caches, receiver_slots, projections, head_scales, 
         if p.dtype != torch.float32 or a.dtype != torch.float32:
             _fail(f"projections[{i}]/head_scales[{i}]: expected float32 (as c2c::project returns), "
                   f"got {p.dtype}/{a.dtype}")
+    _check_pool("receiver_caches[0]", rc0)
     if not _is_fake(rc0):
-        _check_distinct("receiver_caches", receiver_caches)
+        _check_receivers_disjoint("receiver_caches", receiver_caches)
         if check_slots:
             check_slot_ranges(receiver_caches, [], receiver_slots, None)
     return len(projections) // r
@@ -221,11 +241,27 @@ _LIB.define(
 
 def _fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, backend="auto",
           check_slots=False) -> None:
-    w = check_fuse_args(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
-                        check_slots=check_slots)
+    w, overlap = _check_fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
+                             check_slots)
     if receiver_caches and receiver_slots.numel():
-        backends.resolve(backend, w.device).fuse(
-            receiver_caches, sharer_caches, receiver_slots, sharer_slots, w, list(fusers))
+        module = backends.resolve(backend, w.device)
+        if overlap:
+            # A sharer view shares memory with a receiver view: every entry must still read the
+            # rows as they were when the call began, so compute every correction first, then write.
+            projection, head_scale = _backend_project(module, w.device)(
+                receiver_caches, sharer_caches, receiver_slots, sharer_slots, w, list(fusers))
+            _backend_merge(module, w.device)(receiver_caches, receiver_slots, list(projection.unbind(0)),
+                                             list(head_scale.unbind(0)))
+            return
+        module.fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, w, list(fusers))
+
+
+def _backend_project(module, device):
+    return getattr(module, "project", None) or backends.resolve("reference", device).project
+
+
+def _backend_merge(module, device):
+    return getattr(module, "merge", None) or backends.resolve("reference", device).merge
 
 
 def _fuse_fake(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
@@ -237,8 +273,7 @@ def _project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weigh
              check_slots=False):
     w = check_fuse_args(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
                         check_slots=check_slots)
-    module = backends.resolve(backend, w.device)
-    project = getattr(module, "project", None) or backends.resolve("reference", w.device).project
+    project = _backend_project(backends.resolve(backend, w.device), w.device)
     return project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, w, list(fusers))
 
 
@@ -253,8 +288,8 @@ def _project_fake(receiver_caches, sharer_caches, receiver_slots, sharer_slots, 
 def _merge(receiver_caches, receiver_slots, projections, head_scales, backend="auto", check_slots=False) -> None:
     check_merge_args(receiver_caches, receiver_slots, projections, head_scales, check_slots=check_slots)
     if receiver_caches and receiver_slots.numel():
-        module = backends.resolve(backend, receiver_caches[0].device)
-        merge = getattr(module, "merge", None) or backends.resolve("reference", receiver_slots.device).merge
+        device = receiver_caches[0].device
+        merge = _backend_merge(backends.resolve(backend, device), device)
         merge(receiver_caches, receiver_slots, projections, head_scales)
 
 

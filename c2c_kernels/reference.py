@@ -1,4 +1,4 @@
-"""The definition of correct: the fuser of ``fuser.md`` in plain PyTorch, fp32 throughout.
+"""The definition of correct: the fuser of ``docs/fuser.md`` in plain PyTorch, fp32 throughout.
 
 Every backend is tested against these functions. They favour clarity over speed: rows are
 gathered with advanced indexing (a copy), padding is dropped with a boolean mask (a host
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import slots as _slots
 from .weights import FuserWeights
 
 RMS_EPS = 1e-6
@@ -56,28 +57,26 @@ def fuser_forward(
     ``(projection [T, Ht*Dt], head_logits [T, Ht], gate)`` in fp32, where ``gate`` is a 0-d
     hard gate in eval mode and a ``[T, Ht]`` Gumbel-sigmoid gate in training mode.
     """
-    w = [t[index].float() for t in weights]
-    (w_in_s, w_in_r, b_in, ffn_norm, ffn_w1, ffn_w2, head_norm, head_w1, head_w2,
-     w_head, b_head, w_out, b_out, gate_logit) = w
+    w = FuserWeights(*(t[index].float() for t in weights))
     p = dropout_p if training else 0.0
     s, x = sharer_rows.float(), receiver_rows.float()
 
-    u = s @ w_in_s.T + x @ w_in_r.T + b_in
-    u = ffn_block(u, ffn_norm[0], ffn_w1[0], ffn_w2[0], dropout_p=p, generator=generator)
+    u = s @ w.w_in_sharer.T + x @ w.w_in_receiver.T + w.b_in
+    u = ffn_block(u, w.ffn_norm[0], w.ffn_w1[0], w.ffn_w2[0], dropout_p=p, generator=generator)
 
-    head = ffn_block(u, head_norm, head_w1, head_w2, dropout_p=p, generator=generator)
-    head_logits = head @ w_head.T + b_head
+    head = ffn_block(u, w.head_norm, w.head_w1, w.head_w2, dropout_p=p, generator=generator)
+    head_logits = head @ w.w_head.T + w.b_head
 
     proj = u
-    for b in range(1, ffn_w1.shape[0]):
-        proj = ffn_block(proj, ffn_norm[b], ffn_w1[b], ffn_w2[b], dropout_p=p, generator=generator)
-    projection = proj @ w_out.T + b_out
+    for b in range(1, w.ffn_w1.shape[0]):
+        proj = ffn_block(proj, w.ffn_norm[b], w.ffn_w1[b], w.ffn_w2[b], dropout_p=p, generator=generator)
+    projection = proj @ w.w_out.T + w.b_out
 
     if training:
         noise = gumbel_noise(head_logits.shape, generator=generator, device=head_logits.device)
-        gate = torch.sigmoid((gate_logit + noise) / temperature)
+        gate = torch.sigmoid((w.gate_logit + noise) / temperature)
     else:
-        gate = (gate_logit > 0).float()
+        gate = (w.gate_logit > 0).float()
     return projection, head_logits, gate
 
 
@@ -99,20 +98,28 @@ def slot_coords(view: torch.Tensor, slots: torch.Tensor):
 
 def gather_rows(view: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     page, entry = slot_coords(view, slots)
-    return view[page, entry].reshape(len(slots), -1)
+    return view[page, entry].reshape(len(slots), view.shape[2] * view.shape[3])
 
 
 def project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights: FuserWeights, fusers):
     """Per entry ``i``: the projection and the gated head scale ``G*sigmoid(a)`` (fp32).
 
     Returns ``(projection [R, T, Ht*Dt], head_scale [R, T, Ht])``; rows of padding tokens are 0.
+    Slots follow :mod:`c2c_kernels.slots` (an out-of-range slot raises, naming it).
     """
     t, ht, kt = receiver_slots.shape[0], weights.receiver_heads, weights.receiver_width
     dev = receiver_slots.device
     projection = torch.zeros(len(fusers), t, kt, device=dev)
     head_scale = torch.zeros(len(fusers), t, ht, device=dev)
-    valid = receiver_slots >= 0
-    rs, ss = receiver_slots[valid], sharer_slots[valid]
+    if not fusers or t == 0 or dev.type == "meta":
+        return projection, head_scale
+    rs, ss, errors = _slots.prepare(receiver_slots, sharer_slots, _slots.rows(receiver_caches[0]),
+                                    _slots.rows(sharer_caches[0]), dedupe=False)
+    _slots.raise_first(errors)
+    valid = rs >= 0
+    rs, ss = rs[valid], ss[valid]
+    if rs.numel() == 0:
+        return projection, head_scale
     for i, (rc, sc, f) in enumerate(zip(receiver_caches, sharer_caches, fusers)):
         y, a, gate = fuser_forward(gather_rows(sc, ss), gather_rows(rc, rs), weights, f)
         projection[i, valid] = y
@@ -125,12 +132,19 @@ def merge(receiver_caches, receiver_slots, projections, head_scales):
 
     ``projections`` / ``head_scales`` hold ``S * R`` entries (sharer-major within each
     receiver entry: entry ``r`` gets ``projections[r * S + j]``), each ``[T, Ht*Dt]`` /
-    ``[T, Ht]``. The sum is formed in fp32 and rounded to the cache dtype once.
+    ``[T, Ht]``. The sum is formed in fp32 and rounded to the cache dtype once. Of several
+    tokens with one receiver slot only the last is written (:mod:`c2c_kernels.slots`).
     """
     r = len(receiver_caches)
     s = len(projections) // r if r else 0
-    valid = receiver_slots >= 0
-    rs = receiver_slots[valid]
+    if r == 0 or receiver_slots.numel() == 0 or receiver_slots.device.type == "meta":
+        return
+    rs, _, errors = _slots.prepare(receiver_slots, None, _slots.rows(receiver_caches[0]), 0, dedupe=True)
+    _slots.raise_first(errors)
+    valid = rs >= 0
+    rs = rs[valid]
+    if rs.numel() == 0:
+        return
     for i, rc in enumerate(receiver_caches):
         page, entry = slot_coords(rc, rs)
         x = rc[page, entry].float()  # [T, Ht, Dt]

@@ -6,19 +6,28 @@ from dataclasses import dataclass
 
 import torch
 
-from . import layouts
+from . import backends, layouts
 
 LAYOUTS = ("hf", "vllm_nhd", "vllm_hnd", "flashinfer_nhd", "flashinfer_hnd",
            "flashinfer_interleaved", "sglang")
 
-# The benchmark workloads of fuser.md: (receiver layers, heads, dim), (sharer layers, heads, dim).
-WORKLOADS = {
-    "qwen3-0.6b+qwen2.5-0.5b": ((28, 8, 128), (24, 2, 64)),
-    "qwen3-0.6b+llama3.2-1b": ((28, 8, 128), (16, 8, 64)),
-    "qwen3-0.6b+qwen3-4b": ((28, 8, 128), (36, 8, 128)),
-    "qwen3-1.7b+qwen2.5-1.5b": ((28, 8, 128), (28, 2, 128)),
-    "qwen3-8b+qwen2.5-7b": ((36, 8, 128), (28, 4, 128)),
-}
+
+def __getattr__(name: str):
+    # The workload table lives with the benchmarks (c2c_kernels.bench.workloads, which imports
+    # this module); the old name stays importable, resolved on first use to avoid the cycle.
+    if name == "WORKLOADS":
+        from .bench.workloads import WORKLOADS
+        return WORKLOADS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def backend_params(include_reference: bool = False, device_types=("cpu", "cuda")):
+    """``pytest.param(backend, device)`` for every pair of :func:`c2c_kernels.backends.test_matrix`;
+    pairs that cannot run here are kept and skipped, so the report says what did not run and why."""
+    import pytest
+    return [pytest.param(e.backend, e.device, id=f"{e.backend}-{e.device}",
+                         marks=[pytest.mark.skip(reason=e.skip)] if e.skip else [])
+            for e in backends.test_matrix(device_types, include_reference=include_reference)]
 
 
 @dataclass
@@ -176,29 +185,22 @@ TOLERANCES = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 def random_published_state(args: dict, *, seed: int = 0, gate_logits=(1.0, 1.0)) -> dict:
-    """A state dict in the published ``C2CProjector`` format with random weights (both sides)."""
+    """A state dict in the published ``C2CProjector`` format with random weights (both sides),
+    every tensor the weight schema (c2c_kernels.weights.FIELDS) lists, drawn in published order."""
+    from .weights import published_layout, research_dims
     g = torch.Generator().manual_seed(seed)
-    ks = args["source_dim"] * args["source_num_heads"]
-    kt = args["target_dim"] * args["target_num_heads"]
-    h, i, n, ht = args["hidden_dim"], args["intermediate_dim"], args["num_layers"], args["target_num_heads"]
-
-    def lin(out_f, in_f):
-        return torch.randn(out_f, in_f, generator=g) / in_f ** 0.5
-
-    def vec(size, mean=0.0):
-        return mean + 0.1 * torch.randn(size, generator=g)
+    dims = research_dims(args)
 
     state = {}
     for side, gate in zip(("key", "value"), gate_logits):
-        state[f"{side}_in.weight"], state[f"{side}_in.bias"] = lin(h, ks + kt), vec(h)
-        blocks = [(f"{side}_mlp1.blocks.0", i), (f"{side}_scalar_mlp2.blocks.0", h)]
-        blocks += [(f"{side}_proj_mlp2.blocks.{b}", i) for b in range(n - 2)]
-        for prefix, inner in blocks:
-            state[f"{prefix}.norm.weight"] = vec(h, 1.0)
-            state[f"{prefix}.w1.weight"], state[f"{prefix}.w2.weight"] = lin(inner, h), lin(h, inner) * 0.5
-        state[f"{side}_scalar_head.weight"], state[f"{side}_scalar_head.bias"] = lin(ht, h), vec(ht)
-        state[f"{side}_proj_out.weight"], state[f"{side}_proj_out.bias"] = lin(kt, h) * 0.5, vec(kt)
-        state[f"{side}_gate_logit"] = torch.tensor(float(gate))
+        for entry in published_layout(dims, side):
+            shape, f = entry.shape, entry.field
+            if len(shape) == 2:  # a Linear weight [out, in]
+                state[entry.key] = torch.randn(*shape, generator=g) / shape[1] ** 0.5 * f.scale
+            elif len(shape) == 1:  # a bias or norm scale
+                state[entry.key] = f.mean + 0.1 * torch.randn(shape[0], generator=g)
+            else:  # the gate logit
+                state[entry.key] = torch.tensor(float(gate))
     state["gate_temperature"] = torch.tensor(1.0)
     return state
 

@@ -4,6 +4,10 @@
 // (see c2c_kernels/layouts.py). A slot s names page s / page_size, entry s % page_size.
 // Only the dim stride is assumed to be 1; the other three are taken as given, so HND pages,
 // interleaved K/V storage and permuted HF tensors are all read and written in place.
+//
+// row() divides by page_size: host code that builds a view takes the page size through
+// addressing_page_size(), so a pool with page size 0 (it has no rows: every slot is out of
+// range and skipped or rejected before row() is reached) can never divide by zero.
 #pragma once
 
 #include <cstdint>
@@ -15,6 +19,9 @@
 #endif
 
 namespace c2c {
+
+// The page size a view addresses with: the pool's, or 1 for an empty pool of page size 0.
+C2C_HOST_DEVICE int64_t addressing_page_size(int64_t page_size) { return page_size > 0 ? page_size : 1; }
 
 template <typename T>
 struct CacheView {
@@ -32,10 +39,6 @@ struct CacheView {
     const int64_t entry = slot - page * page_size;
     return base + page * page_stride + entry * entry_stride + head * head_stride;
   }
-
-  // True when a head's row is laid out as one run of heads*head_dim elements, so a token's
-  // whole row can be treated as a flat vector.
-  C2C_HOST_DEVICE bool heads_packed() const { return head_stride == head_dim || heads == 1; }
 };
 
 }  // namespace c2c

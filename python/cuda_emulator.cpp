@@ -1,9 +1,11 @@
 // The CUDA backend's host code and kernels built for the CPU emulator (csrc/cuda/emulator):
-// the same fuse / project / merge as torch.ops.c2c_native on CUDA, taking CPU tensors.
+// the same fuse / project / merge / prepare_slots as torch.ops.c2c_native on CUDA, taking CPU
+// tensors.
 // Loaded by c2c_kernels/backends/cuda_emulator.py, for tests.
 #include <torch/extension.h>
 
 #include "cuda/fuse_cuda.h"
+#include "cuda/workspace.h"
 
 namespace c2c::cuda::emulator {
 std::vector<float> selftest(const std::string& name, int64_t blocks, int64_t threads);
@@ -14,5 +16,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fuse", &c2c::cuda::fuse);
   m.def("project", &c2c::cuda::project);
   m.def("merge", &c2c::cuda::merge);
+  m.def("prepare_slots", &c2c::cuda::prepare_slots, "the slots of c2c_kernels.slots.prepare(), on the emulator",
+        pybind11::arg("receiver_slots"), pybind11::arg("sharer_slots"), pybind11::arg("receiver_rows"),
+        pybind11::arg("sharer_rows"), pybind11::arg("dedupe"), pybind11::arg("status"));
+  m.def("poisoning", &c2c::cuda::poison_workspaces, "whether C2C_POISON_WORKSPACES=1 was set (read once)");
   m.def("selftest", &c2c::cuda::emulator::selftest, "run one of the emulator's own test kernels");
 }

@@ -1,12 +1,13 @@
 """The op layer as other projects use it: opcheck, torch.compile, per-layer and all-layer entry
 points, several sharers, closed gates."""
+import dataclasses
+
 import pytest
 import torch
 
 import c2c_kernels as c2c
 from c2c_kernels import backends, reference
-from c2c_kernels.testing import TOLERANCES, make_cache, make_case
-from conftest import backend_params
+from c2c_kernels.testing import TOLERANCES, backend_params, make_cache, make_case
 
 CPU_BACKENDS = [p for p in backend_params(include_reference=True) if p.values[1] == "cpu"]
 
@@ -144,3 +145,110 @@ def test_empty_calls_are_no_ops():
 def test_auto_picks_a_native_backend_when_built():
     name = backends.resolve("auto", torch.device("cpu")).__name__.rsplit(".", 1)[-1]
     assert name == ("cpu" if "cpu" in backends.available("cpu") else "reference")
+
+
+def _fused(case, fn):
+    """``fn`` run on a fresh copy of ``case``'s receiver: the copy, fused."""
+    copy = case.clone_receiver()
+    fn(copy)
+    return copy
+
+
+def _assert_same_storage(got, want, tol=1e-5):
+    for g, w in zip(got.receiver.storage, want.receiver.storage):
+        torch.testing.assert_close(g, w, atol=tol, rtol=tol)
+
+
+def _run(ckpt, **kw):
+    return lambda c: c2c.fuse_all(ckpt, c.receiver.kv, c.sharer.kv, c.receiver_slots, c.sharer_slots, **kw)
+
+
+def test_two_pairs_for_one_receiver_layer():
+    """Receiver layer 0 mapped to (sharer 0, projector 0) then (sharer 1, projector 1): by default
+    only the first pair is fused, as in the research pipeline (this used to raise "is the same
+    view"); pairs="all" fuses both in order, as a per-layer loop over ckpt.layers does."""
+    case = make_case(seed=41, seq_lens=(4, 3))
+    ckpt = dataclasses.replace(checkpoint_for(case), mapping={0: {1: {0: [(0, 0), (1, 1)], 1: [(1, 1)]}}})
+    first = _fused(case, _run(ckpt))
+    want = case.clone_receiver()  # layer 0 from projector 0, layer 1 from projector 1
+    reference.fuse(want.receiver_caches, want.sharer_caches, want.receiver_slots, want.sharer_slots,
+                   want.weights, want.fusers)
+    _assert_same_storage(first, want, TOLERANCES[torch.float32])
+
+    every = ckpt.replace(pairs="all")
+    loop = case.clone_receiver()
+    for layer in every.layers:
+        c2c.fuse(*loop.receiver.kv[layer.receiver_layer], *loop.sharer.kv[layer.sharer_layer],
+                 loop.receiver_slots, loop.sharer_slots, layer.params, backend="reference")
+    _assert_same_storage(_fused(case, _run(every, backend="reference")), loop)
+    assert not torch.equal(loop.receiver.storage[0], first.receiver.storage[0])
+
+    # Parallel mode: every pair's correction from the clean rows, summed.
+    par = _fused(case, lambda c: c2c.fuse_all([every], c.receiver.kv, [c.sharer.kv], c.receiver_slots,
+                                              [c.sharer_slots], mode="parallel", backend="reference"))
+    want = case.clone_receiver()
+    rc, sc = want.receiver_caches, want.sharer_caches
+    p, a = reference.project(rc + rc[:2], sc[:2] + sc[2:] + sc[2:], want.receiver_slots, want.sharer_slots,
+                             want.weights, [0, 1, 2, 3, 2, 3])
+    reference.merge(rc[:2], want.receiver_slots, [p[0], p[4], p[1], p[5]], [a[0], a[4], a[1], a[5]])
+    reference.merge(rc[2:], want.receiver_slots, [p[2], p[3]], [a[2], a[3]])
+    _assert_same_storage(par, want)
+
+
+def test_mapping_edits_are_never_stale():
+    """fuse_all's plan is derived from the layer map: editing the map in place raises (it would
+    have been ignored), and an edited copy is fused as edited, after the original was used."""
+    case = make_case(seed=42)
+    ckpt = checkpoint_for(case)
+    _fused(case, _run(ckpt))  # plans the original
+    with pytest.raises(TypeError, match=r"read-only; build an edited checkpoint with ckpt\.replace"):
+        ckpt.mapping[0][1] = {1: [(1, 1)]}
+    only_layer_1 = ckpt.replace(mapping={0: {1: {1: [(1, 1)]}}})
+    got = _fused(case, _run(only_layer_1))
+    want = case.clone_receiver()
+    reference.fuse(want.receiver_caches[2:], want.sharer_caches[2:], want.receiver_slots, want.sharer_slots,
+                   want.weights, [2, 3])
+    _assert_same_storage(got, want, TOLERANCES[torch.float32])
+    assert torch.equal(got.receiver.storage[0], case.receiver.storage[0])
+
+
+def test_gate_reopened_in_place_is_fused():
+    """A closed gate re-opened by writing ckpt.weights.gate_logit is fused by the next call
+    (the plan was built while it was closed); one closed in place is skipped again."""
+    case = make_case(seed=43, gates_open=[False, True, True, True])
+    ckpt = checkpoint_for(case)
+    before = _fused(case, _run(ckpt))
+    assert torch.equal(before.receiver.storage[0][0], case.receiver.storage[0][0])  # keys: closed
+    with torch.no_grad():
+        ckpt.weights.gate_logit[0] = 0.9
+        ckpt.weights.gate_logit[3] = -0.9
+    got = _fused(case, _run(ckpt))
+    want = case.clone_receiver()
+    reference.fuse(want.receiver_caches, want.sharer_caches, want.receiver_slots, want.sharer_slots,
+                   ckpt.weights, [0, 1, 2, 3])
+    _assert_same_storage(got, want, TOLERANCES[torch.float32])
+    assert not torch.equal(got.receiver.storage[0][0], case.receiver.storage[0][0])
+    assert ckpt.fusion_plan() == (((0, 0, 0, 0), (0, 1, 0, 1), (1, 0, 1, 2)),)
+
+
+def test_plan_traces_without_graph_breaks():
+    """fuse_all (several rounds, several checkpoints) under dynamo with fullgraph=True: the plan
+    is a constant of the checkpoint, nothing is cached at call time."""
+    case = make_case(seed=44, seq_lens=(3, 2))
+    ckpt = dataclasses.replace(checkpoint_for(case), mapping={0: {1: {0: [(0, 0), (1, 1)], 1: [(1, 1)]}}},
+                               pairs="all")
+    want = _fused(case, _run(ckpt, backend="reference"))
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(receiver_kv, sharer_kv, receiver_slots, sharer_slots):
+        c2c.fuse_all(ckpt, receiver_kv, sharer_kv, receiver_slots, sharer_slots, backend="reference")
+        c2c.fuse_all([ckpt, ckpt], receiver_kv, [sharer_kv, sharer_kv], receiver_slots,
+                     [sharer_slots, sharer_slots], backend="reference")
+
+    got = case.clone_receiver()
+    attributes = {k: id(v) for k, v in vars(ckpt).items()}
+    step(got.receiver.kv, got.sharer.kv, got.receiver_slots, got.sharer_slots)
+    assert {k: id(v) for k, v in vars(ckpt).items()} == attributes  # no call-time cache on the checkpoint
+    c2c.fuse_all([ckpt, ckpt], want.receiver.kv, [want.sharer.kv, want.sharer.kv], want.receiver_slots,
+                 [want.sharer_slots, want.sharer_slots], backend="reference")
+    _assert_same_storage(got, want)

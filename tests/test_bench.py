@@ -67,7 +67,7 @@ def test_cost_model_counts_weights_once_and_rows_per_token():
     assert inputs.weight_bytes() == sum(t.numel() * t.element_size() for t in w)  # 1 layer = 2 fusers
     per_token = (inputs.bytes() - inputs.weight_bytes()) / 4
     assert per_token == 2 * 4 * (2 * 64 + 2 * 8 * 128) + 16  # K and V rows in fp32, two int64 slots
-    assert 16e6 < inputs.flops() / (4 * 2) < 18e6  # fuser.md: ~17 MFLOP per token per fuser
+    assert 16e6 < inputs.flops() / (4 * 2) < 18e6  # docs/fuser.md: ~17 MFLOP per token per fuser
 
 
 def test_timing_summary():
@@ -85,3 +85,13 @@ def test_ttft_rows_end_to_end(tmp_path):
     variants = [r["variant"] for r in rows]
     assert "receiver only" in variants and any("reference" in v for v in variants)
     assert all(r["median_ms"] > 0 for r in rows)
+
+
+def test_decode_rows(tmp_path):
+    """c2c-bench --decode: one fuse_all per decode step for B requests, fused vs reference, as JSON."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "decode.json"
+    assert main(["--decode", "--tiny-models", "--requests", "2", "--device", "cpu", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["decode"]
+    assert {r["batch"] for r in rows} == {2}
+    assert any("reference" in r["variant"] for r in rows) and all(r["median_us"] > 0 for r in rows)

@@ -1,6 +1,9 @@
 """Loading, repacking and saving the published fuser format, and every way it can be wrong."""
+import copy
+import dataclasses
 import json
 import os
+import pickle
 
 import pytest
 import torch
@@ -64,8 +67,19 @@ def test_layer_params_are_views_of_the_stacks(ckpt_dir):
 
 
 def test_last_aligned_map():
-    assert last_aligned_map(28, 24) == {l: l - 4 for l in range(4, 28)}
+    """The research helper's rule: ends aligned, the index clamped into the sharer, so every
+    receiver layer is fused (a deeper receiver's first layers all read sharer layer 0)."""
+    assert last_aligned_map(28, 24) == {**{l: 0 for l in range(4)}, **{l: l - 4 for l in range(4, 28)}}
+    assert last_aligned_map(28, 16)[11] == 0 and last_aligned_map(28, 16)[12] == 0
+    assert last_aligned_map(28, 16)[13] == 1 and len(last_aligned_map(28, 16)) == 28
     assert last_aligned_map(2, 3) == {0: 1, 1: 2}
+    assert last_aligned_map(28, 36) == {l: l + 8 for l in range(28)}
+    assert last_aligned_map(3, 1) == {0: 0, 1: 0, 2: 0}
+    assert last_aligned_map(0, 5) == {} and last_aligned_map(5, 0) == {}
+    # Only valid partner indices: the map of receiver layers that have a same-offset partner.
+    assert last_aligned_map(28, 24, clamp=False) == {l: l - 4 for l in range(4, 28)}
+    with pytest.raises(ValueError, match="sharer_layers: expected a non-negative integer"):
+        last_aligned_map(4, 2.0)
 
 
 def _break(ckpt_dir, name, fn):
@@ -110,10 +124,31 @@ def test_error_unknown_class(ckpt_dir):
 
 
 def test_error_missing_init_arg(ckpt_dir):
+    """source_dim and target_dim have no default in the research class."""
     _break(ckpt_dir, "projector_0.json", lambda d: {"class": d["class"],
-                                                     "init_args": {k: v for k, v in d["init_args"].items() if k != "hidden_dim"}})
-    with pytest.raises(CheckpointError, match=r"init_args lacks \['hidden_dim'\]"):
+                                                     "init_args": {k: v for k, v in d["init_args"].items() if k != "target_dim"}})
+    with pytest.raises(CheckpointError, match=r"init_args lacks \['target_dim'\]"):
         c2c.load_checkpoint(ckpt_dir)
+
+
+def test_omitted_init_args_take_the_research_defaults(tmp_path):
+    """source/target_num_heads 1, intermediate_dim 1024, hidden_dim 1024, num_layers 3 when the
+    json omits them, as the research loader does (it calls the class with the stored args)."""
+    full = {"source_dim": 16, "target_dim": 8, "source_num_heads": 1, "target_num_heads": 1,
+            "hidden_dim": 32, "intermediate_dim": 1024, "num_layers": 3}
+    write_published_checkpoint(str(tmp_path), full, {0: 0, 1: 1}, seed=4)
+    for i in range(2):
+        _break(str(tmp_path), f"projector_{i}.json",
+               lambda d: {"class": d["class"], "init_args": {"source_dim": 16, "target_dim": 8, "hidden_dim": 32}})
+    ckpt = c2c.load_checkpoint(str(tmp_path))
+    w = ckpt.weights
+    assert (w.intermediate_dim, w.num_blocks, w.receiver_heads, w.sharer_width, w.hidden_dim) == (1024, 2, 1, 16, 32)
+    assert all(dict(args, dropout=None) == dict(full, dropout=None) for args in ckpt.projector_args)
+    # A default that disagrees with the stored tensors is a shape error naming the default.
+    _break(str(tmp_path), "projector_0.json",
+           lambda d: {"class": d["class"], "init_args": {"source_dim": 16, "target_dim": 8}})
+    with pytest.raises(CheckpointError, match=r"projector_0\.pt: key_in\.weight has shape \[32, 24\], expected \[1024, 24\]"):
+        c2c.load_checkpoint(str(tmp_path))
 
 
 def test_error_invalid_json(ckpt_dir):
@@ -179,3 +214,71 @@ def test_error_too_shallow(ckpt_dir):
     _break(ckpt_dir, "projector_0.json", lambda d: {"class": d["class"], "init_args": dict(d["init_args"], num_layers=2)})
     with pytest.raises(CheckpointError, match="num_layers is 2, expected >= 3"):
         c2c.load_checkpoint(ckpt_dir)
+
+
+def _paired_dir(ckpt_dir):
+    """Receiver layer 3 mapped to two (sharer layer, projector) pairs, as the research format allows."""
+    _break(ckpt_dir, "projector_config.json", lambda d: {"0": {"1": {"3": [[1, 0], [3, 2]], "4": [[2, 1]]}}})
+    return ckpt_dir
+
+
+def test_two_pairs_for_one_receiver_layer(ckpt_dir):
+    """The research pipeline fuses only the first pair of a receiver layer; pairs="all" keeps
+    every pair (in file order) as an explicit option. Both keep the full map for saving."""
+    ckpt = c2c.load_checkpoint(_paired_dir(ckpt_dir))
+    assert ckpt.pairs == "first"
+    assert [(l.receiver_layer, l.sharer_layer, l.projector) for l in ckpt.layers] == [(3, 1, 0), (4, 2, 1)]
+    assert ckpt.mapping[0][1][3] == ((1, 0), (3, 2))
+    every = c2c.load_checkpoint(ckpt_dir, pairs="all")
+    assert [(l.receiver_layer, l.sharer_layer, l.projector) for l in every.layers] == [(3, 1, 0), (3, 3, 2), (4, 2, 1)]
+    assert [(l.receiver_layer, l.projector) for l in ckpt.replace(pairs="all").layers] == [(3, 0), (3, 2), (4, 1)]
+    # Rounds: no receiver view twice in one op call.
+    assert [len(r) for r in ckpt.fusion_plan()] == [3]  # gate of projector 2 is closed for values
+    assert [[(e[0], e[3]) for e in r] for r in every.fusion_plan()] == [[(3, 0), (3, 1), (4, 3)], [(3, 4)]]
+    with pytest.raises(ValueError, match=r"pairs: expected one of \['first', 'all'\], got 'both'"):
+        c2c.load_checkpoint(ckpt_dir, pairs="both")
+
+
+def test_checkpoint_is_immutable(ckpt_dir):
+    """In-place edits of what the fusion plan is derived from raise, naming the way to edit."""
+    ckpt = c2c.load_checkpoint(ckpt_dir)
+    with pytest.raises(TypeError, match=r"read-only; build an edited checkpoint with ckpt\.replace\(mapping=\.\.\.\)"):
+        ckpt.mapping[0][1][5] = [(0, 0)]
+    with pytest.raises(TypeError, match="read-only"):
+        ckpt.mapping[0][1] = {5: [(0, 0)]}
+    with pytest.raises(TypeError, match="read-only"):
+        del ckpt.mapping[0]
+    with pytest.raises(TypeError, match="read-only"):
+        ckpt.projector_args[0]["hidden_dim"] = 32
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ckpt.mapping = {}
+    with pytest.raises(AttributeError):
+        ckpt.mapping[0][1][3].append((0, 0))  # pairs are tuples
+    edited = ckpt.replace(mapping={0: {1: {5: [(0, 0)]}}})
+    assert [(l.receiver_layer, l.sharer_layer) for l in edited.layers] == [(5, 0)]
+    assert [(l.receiver_layer, l.sharer_layer) for l in ckpt.layers] == [(3, 1), (4, 2), (5, 3)]
+    with pytest.raises(ValueError, match=r"mapping: receiver layer 5: projector index is 0\.5"):
+        ckpt.replace(mapping={0: {1: {5: [(0, 0.5)]}}})
+    for clone in (copy.deepcopy(ckpt), pickle.loads(pickle.dumps(ckpt))):
+        assert clone.mapping == ckpt.mapping and clone.gate_open == ckpt.gate_open
+
+
+def test_gate_edited_in_place_is_seen(ckpt_dir):
+    """The gate bits are read once, then re-read only when the tensor's version counter moves."""
+    ckpt = c2c.load_checkpoint(ckpt_dir)
+    assert ckpt.gate_open == (True, True, False, True, True, False)
+    with torch.no_grad():
+        ckpt.weights.gate_logit[2] = 0.7
+        ckpt.weights.gate_logit[0] = -0.7
+    assert ckpt.gate_open == (False, True, True, True, True, False)
+    assert ckpt.layers[1].params.key_open and not ckpt.layers[0].params.key_open
+    # A copy made after the edit (same tensor, newer version) does not reuse the old bits.
+    with torch.no_grad():
+        ckpt.weights.gate_logit[5] = 1.0
+    assert ckpt.replace(pairs="all").gate_open[5]
+    # Loaded under inference_mode: the checkpoint owns a gate tensor that tracks versions.
+    with torch.inference_mode():
+        frozen = c2c.load_checkpoint(ckpt_dir).to(dtype=torch.bfloat16)
+        assert frozen.gate_open[2] is False
+        frozen.weights.gate_logit[2] = 1.0
+        assert frozen.gate_open[2] is True

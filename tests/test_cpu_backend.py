@@ -11,8 +11,8 @@ import torch
 from c2c_kernels import backends, reference
 from c2c_kernels.testing import TOLERANCES, assert_storage_close, make_case, reference_fused
 
-pytestmark = pytest.mark.skipif(isinstance(backends._load("cpu"), str),
-                                reason=f"cpu backend unavailable: {backends._load('cpu')}")
+pytestmark = pytest.mark.skipif(backends.reason("cpu") is not None,
+                                reason=f"cpu backend unavailable: {backends.reason('cpu')}")
 
 # The first workload's geometry (fuser.md): receiver 8x128, sharer 2x64, H = I = 1024, n = 3.
 REAL = dict(receiver_heads=8, receiver_dim=128, sharer_heads=2, sharer_dim=64, hidden=1024, intermediate=1024,

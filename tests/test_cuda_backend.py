@@ -23,16 +23,14 @@ MERGE_TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e
 def _gpu_skip_reason():
     if not torch.cuda.is_available():
         return "no GPU"
-    module = backends._load("cuda")
-    return module if isinstance(module, str) else None
+    return backends.reason("cuda")
 
 
 requires_cuda_backend = pytest.mark.skipif(_gpu_skip_reason() is not None, reason=str(_gpu_skip_reason()))
 
 
 def _emulator_skip_reason():
-    module = backends._load("cuda_emulator")
-    return module if isinstance(module, str) else None
+    return backends.reason("cuda_emulator")
 
 
 # (backend, device): the CUDA sources on the GPU, and the same sources on the CPU emulator.
@@ -48,14 +46,14 @@ TARGETS = [
 
 @pytest.mark.skipif(not _native.has_cuda_kernels(),
                     reason="c2c_kernels._C was built without CUDA kernels (C2C_NO_CUDA=1 or no CUDA toolkit)")
-@pytest.mark.parametrize("op", ["fuse", "project", "merge"])
+@pytest.mark.parametrize("op", ["fuse", "project", "merge", "prepare_slots"])
 def test_extension_registers_cuda_kernels(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"c2c_native::{op}", "CUDA")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
 def test_backend_unavailable_without_gpu_says_why():
-    reason = backends._load("cuda")
+    reason = backends.reason("cuda")
     assert isinstance(reason, str) and ("CUDA" in reason or "native extension" in reason), reason
     assert "cuda" not in backends.available()
     case = make_case(seed=1)
@@ -270,7 +268,7 @@ def _native(backend):
     """fuse / project / merge of the CUDA sources, called directly (the op layer's checks skipped)."""
     if backend == "cuda":
         return torch.ops.c2c_native
-    return backends._load("cuda_emulator")._build()
+    return backends.get("cuda_emulator")._build()
 
 
 NATIVE_ERRORS = {

@@ -93,14 +93,14 @@ def test_weights_checked(case):
 
 
 def test_same_view_twice(case):
-    with pytest.raises(ValueError, match=r"receiver_caches\[1\] is the same view as receiver_caches\[0\]"):
+    with pytest.raises(ValueError, match=r"receiver_caches\[1\] shares memory with receiver_caches\[0\]"):
         call(case, receiver_caches=[case.receiver_caches[0]] * 2 + case.receiver_caches[2:])
 
 
 def test_slot_ranges_only_when_asked(case):
     rs = case.receiver_slots.clone()
     rs[torch.nonzero(rs >= 0)[0]] = 10**5
-    with pytest.raises(ValueError, match=r"receiver_slots: slot 100000 is out of range for a receiver pool of \d+ pages x 4 entries"):
+    with pytest.raises(ValueError, match=r"receiver_slots\[\d+\] = 100000 is out of range \[0, \d+\) for the receiver pool"):
         call(case, receiver_slots=rs, check_slots=True)
     dup = case.receiver_slots.clone()
     valid = torch.nonzero(dup >= 0).flatten()
@@ -109,7 +109,7 @@ def test_slot_ranges_only_when_asked(case):
         call(case, receiver_slots=dup, check_slots=True)
     ss = case.sharer_slots.clone()
     ss[valid[0]] = -3
-    with pytest.raises(ValueError, match=r"sharer_slots: slot -3 \(for a non-padding token\) is out of range"):
+    with pytest.raises(ValueError, match=r"sharer_slots\[\d+\] = -3 for a non-padding token is out of range \[0, \d+\)"):
         call(case, sharer_slots=ss, check_slots=True)
 
 

@@ -3,7 +3,8 @@
 The pipeline under test (batched, padded, vectorised alignment, slots, ``c2c.fuse_all``) is
 checked against an independent one written here: each prompt alone, no padding, alignment by
 Python loops, the fuser applied with :func:`c2c_kernels.reference.fuser_forward` to the same
-caches, and a plain greedy loop.
+caches, and a plain greedy loop. These tests pin the character-coverage alignment
+(``alignment="offsets"``); tests/test_hf_fidelity.py pins the research pipeline's defaults.
 """
 import importlib.util
 import os
@@ -20,8 +21,8 @@ from c2c_kernels import reference  # noqa: E402
 from c2c_kernels.integrations import alignment, hf, hf_bench  # noqa: E402
 from c2c_kernels.integrations.memory import peak_memory  # noqa: E402
 from c2c_kernels.integrations.tiny import tiny_model, tiny_tokenizer  # noqa: E402
-from c2c_kernels.testing import TOLERANCES, WORKLOADS  # noqa: E402
-from conftest import backend_params  # noqa: E402
+from c2c_kernels.bench.workloads import WORKLOADS  # noqa: E402
+from c2c_kernels.testing import TOLERANCES, backend_params  # noqa: E402
 
 BACKENDS = backend_params(include_reference=True)
 TEXTS = ["the lazy fox reads café caches", "fused héllo", "a", "1234 + 5678 = 6912 over the dog"]
@@ -177,7 +178,8 @@ SCENARIOS = {  # padding side, sharers, mode
 def test_generation_matches_reference_pipeline(tokenizers, backend, device, scenario):
     padding_side, sharers, mode = SCENARIOS[scenario]
     receiver, receiver_tok, entries = build(tokenizers, device, sharers=sharers)
-    model = hf.C2CModel(receiver, receiver_tok, entries, mode=mode, backend=backend, check_slots=True)
+    model = hf.C2CModel(receiver, receiver_tok, entries, mode=mode, backend=backend, check_slots=True,
+                        alignment="offsets")
     batch = model.tokenize(TEXTS, padding_side=padding_side)
     columns = hf.split_last_token(batch.input_ids, batch.attention_mask)[0].shape[1] + 1
     options = dict(max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True,
@@ -277,7 +279,7 @@ def test_errors_name_the_argument(tokenizers):
     receiver, receiver_tok, entries = build(tokenizers)
     llama, qwen2 = entries[0].model, entries[1].model
     wrong_map = hf.random_checkpoint(receiver, llama, layer_map={0: 0}, hidden_dim=32, intermediate_dim=48)
-    wrong_map.mapping[0][1] = {5: [(0, 0)]}
+    wrong_map = wrong_map.replace(mapping={0: {1: {5: [(0, 0)]}}})
     with pytest.raises(ValueError, match=r"sharers\[0\].checkpoint: fuses receiver layer 5"):
         hf.C2CModel(receiver, receiver_tok, [hf.Sharer(llama, wrong_map)])
     with pytest.raises(ValueError, match=r"sharers\[0\].checkpoint: its fusers read sharer rows"):
@@ -323,6 +325,13 @@ def test_time_to_first_token_rows():
     assert rows[0]["vs_reference"] == 1.0
 
 
+def test_decode_fusion_rows():
+    rows = hf_bench.decode_rows(batches=(1, 2), backends=("reference",), device="cpu", repeats=1, warmup=0,
+                                fuser_hidden=32, fuser_intermediate=32)
+    assert [(r["variant"], r["batch"]) for r in rows] == [("fused (reference)", 1), ("fused (reference)", 2)]
+    assert all(r["median_us"] > 0 and r["weights_mib"] > 0 and r["vs_reference"] == 1.0 for r in rows)
+
+
 def test_peak_memory_replays_allocations():
     def work():
         a = torch.ones(1 << 20)  # 4 MiB
@@ -350,3 +359,6 @@ def test_example_runs_offline(capsys):
     example.main(["--demo", "--backend", "reference", "--max-new-tokens", "3", "--padding-side", "right"])
     out = capsys.readouterr().out
     assert "--- C2C" in out and "--- receiver alone" in out and "never cloned" in out
+    example.main(["--demo", "--backend", "reference", "--max-new-tokens", "2", "--raw", "--include-response",
+                  "--strategy", "longest"])
+    assert "--- C2C" in capsys.readouterr().out

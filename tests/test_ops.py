@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from c2c_kernels import reference
-from c2c_kernels.testing import LAYOUTS, TOLERANCES, assert_storage_close, make_case, reference_fused
-from conftest import backend_params
+from c2c_kernels.testing import (LAYOUTS, TOLERANCES, assert_storage_close, backend_params, make_case,
+                                 reference_fused)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = backend_params(include_reference=True)

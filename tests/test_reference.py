@@ -9,7 +9,7 @@ from c2c_kernels.testing import SMALL_ARGS, write_published_checkpoint
 
 
 def independent_fuser(state, side, s, x, args):
-    """fuser.md, read literally: concat, Linear, pre-norm FFNs, two branches, hard gate, merge."""
+    """docs/fuser.md, read literally: concat, Linear, pre-norm FFNs, two branches, hard gate, merge."""
     h = args["hidden_dim"]
 
     def block(z, prefix):
@@ -88,7 +88,7 @@ def test_temperature_schedule_is_geometric():
 
 
 def test_flops_match_fuser_md():
-    """fuser.md: the first pair's fuser (H = I = 1024, n = 3) costs ~17 MFLOP per token and
+    """docs/fuser.md: the first pair's fuser (H = I = 1024, n = 3) costs ~17 MFLOP per token and
     holds ~8.5 M parameters."""
     w = c2c.random_weights(1, 2, 64, 8, 128, dtype=torch.bfloat16)
     assert 16e6 < reference.flops_per_token(w) < 18e6

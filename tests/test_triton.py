@@ -3,18 +3,21 @@
 On a machine without a GPU these run in the Triton interpreter on small shapes (conftest sets
 TRITON_INTERPRET=1): fuser indices in any order and repeated, c2c::project and c2c::merge
 against the reference, a closed gate handed to the backend, the per-call pointer tables. With
-a GPU: workload-sized shapes, every dtype on paged caches, CUDA-graph capture and replay, and
-the sentinel check on big paged pools.
+a GPU: workload-sized shapes, every dtype on paged caches, CUDA-graph capture and replay (also
+of the slot preparation), and the sentinel check on big paged pools. Slot safety (the
+prepare-slots kernel, out-of-range, strided and duplicate slots) is in test_triton_safety.py.
 """
 import pytest
 import torch
 
 from c2c_kernels import backends, reference
-from c2c_kernels.testing import WORKLOADS, assert_storage_close, make_case, reference_fused
+from c2c_kernels.bench.workloads import WORKLOADS
+from c2c_kernels.testing import assert_storage_close, make_case, reference_fused
 
-triton_backend = backends._load("triton")
-CPU_OK = not isinstance(triton_backend, str) and "cpu" in triton_backend.DEVICES
-CUDA_OK = torch.cuda.is_available() and not isinstance(triton_backend, str) and "cuda" in triton_backend.DEVICES
+TRITON_REASON = backends.reason("triton")
+triton_backend = backends.get("triton") if TRITON_REASON is None else None
+CPU_OK = TRITON_REASON is None and "cpu" in backends.devices("triton")
+CUDA_OK = torch.cuda.is_available() and TRITON_REASON is None and "cuda" in backends.devices("triton")
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not CPU_OK, reason="triton interpreter not enabled")),
            pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_OK, reason="no GPU"))]
 needs_gpu = pytest.mark.skipif(not CUDA_OK, reason="no GPU")
@@ -82,7 +85,7 @@ def test_pointer_tables_are_reused_per_set_of_caches(device):
     assert swapped[2].tolist()[1:5] == [rc.data_ptr(), rc.stride(0), rc.stride(1), rc.stride(2)]
 
 
-@pytest.mark.skipif(isinstance(triton_backend, str), reason="triton not importable")
+@pytest.mark.skipif(TRITON_REASON is not None, reason="triton not importable")
 @pytest.mark.parametrize("gpu", ["hopper", "ampere-a100", "ampere-small-smem"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_config_choice(monkeypatch, gpu, dtype):
@@ -194,6 +197,41 @@ def test_cuda_graph_capture_and_replay():
     graph.replay()
     torch.cuda.synchronize()
     assert_storage_close(case, expected, torch.bfloat16)
+
+
+@needs_gpu
+def test_cuda_graph_replay_prepares_strided_slots_again():
+    """The slot preparation is part of the graph: a replay reads the static (here strided) slot
+    tensor anew, skips a slot made out of range after the capture and records it."""
+    from c2c_kernels import slots, status
+    case = workload_case("vllm_nhd", torch.bfloat16, (200, 56), padding=8)
+    tokens = case.receiver_slots.numel()
+    backing = torch.full((2 * tokens,), -1, dtype=case.receiver_slots.dtype, device="cuda")
+    backing[::2] = case.receiver_slots
+    case.receiver_slots = backing[::2]
+    pristine = [t.clone() for t in case.receiver.storage]
+    fuse(case)  # warm-up: compilation, tables and the status buffer, outside the capture
+    torch.cuda.synchronize()
+    status.raise_pending_errors()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fuse(case)
+    for t, p in zip(case.receiver.storage, pristine):
+        t.copy_(p)
+
+    token = int(torch.nonzero(case.receiver_slots >= 0)[5])
+    bad = slots.rows(case.receiver_caches[0]) + 7
+    backing[2 * token] = bad
+    expected = case.clone_receiver()
+    expected.receiver_slots = case.receiver_slots.clone()
+    expected.receiver_slots[token] = -1
+    expected = reference_fused(expected)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_storage_close(case, expected, torch.bfloat16)
+    with pytest.raises(ValueError, match=rf"receiver_slots\[{token}\] = {bad} "):
+        status.raise_pending_errors()
+    status.raise_pending_errors()  # reported once
 
 
 @needs_gpu

@@ -16,6 +16,7 @@ import torch
 from .. import _native
 
 DEVICES = ("cpu",)
+AUTO = {"cpu": 0}  # auto's first choice on the CPU
 
 
 def unavailable():

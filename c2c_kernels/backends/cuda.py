@@ -2,14 +2,20 @@
 merge as hand-written kernels around strided-batched cuBLAS GEMMs (through ATen), every stage
 batched over all fusers of a call. Current-stream, no host synchronisation (the hard gate is
 read on the device), CUDA-graph capturable. Needs ``c2c_kernels._C`` built with CUDA.
+
+Slots: every call first runs ``c2c_native.prepare_slots`` (one launch), which applies the rules
+of :mod:`c2c_kernels.slots` on the device (any slot dtype and stride in; out-of-range slots
+skipped and recorded in :func:`c2c_kernels.status.buffer`; duplicated receiver slots: the last
+valid token writes), and the kernels run on its contiguous int64 slots.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import _native
+from .. import _native, slots, status
 
 DEVICES = ("cuda",)
+AUTO = {"cuda": 1}  # auto's second choice on a GPU, after Triton
 
 
 def unavailable():
@@ -19,20 +25,46 @@ def unavailable():
     if not _native.has_cuda_kernels():
         return ("the native extension c2c_kernels._C was built without CUDA kernels (torch without CUDA, "
                 "no CUDA toolkit found, or C2C_NO_CUDA=1); rebuild with `pip install --no-build-isolation -e .`")
+    if not _has_prepare_slots():
+        return ("the native extension c2c_kernels._C predates c2c_native::prepare_slots (the slot checks every "
+                "call runs first); rebuild it with `pip install --no-build-isolation -e .`")
     if not torch.cuda.is_available():
         return "no CUDA device is visible (torch.cuda.is_available() is False)"
     return None
 
 
+def _has_prepare_slots() -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("c2c_native::prepare_slots", "CUDA")
+    except RuntimeError:  # the op was never defined
+        return False
+
+
+def prepare(receiver_slots, sharer_slots, receiver_rows: int, sharer_rows: int, *, dedupe: bool):
+    """``slots.prepare()``'s (receiver, sharer) slots, computed on the device without a host sync;
+    errors go to the status buffer of the slots' device."""
+    return torch.ops.c2c_native.prepare_slots(receiver_slots, sharer_slots, receiver_rows, sharer_rows, dedupe,
+                                              status.buffer(receiver_slots.device))
+
+
+def _prepared(receiver_caches, sharer_caches, receiver_slots, sharer_slots, *, dedupe):
+    if not receiver_caches:  # nothing is addressed; the native op returns its empty result
+        return receiver_slots, sharer_slots
+    return prepare(receiver_slots, sharer_slots, slots.rows(receiver_caches[0]), slots.rows(sharer_caches[0]),
+                   dedupe=dedupe)
+
+
 def fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers):
-    torch.ops.c2c_native.fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, list(weights),
-                              list(fusers))
+    r, s = _prepared(receiver_caches, sharer_caches, receiver_slots, sharer_slots, dedupe=True)
+    torch.ops.c2c_native.fuse(receiver_caches, sharer_caches, r, s, list(weights), list(fusers))
 
 
 def project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers):
-    return torch.ops.c2c_native.project(receiver_caches, sharer_caches, receiver_slots, sharer_slots,
-                                        list(weights), list(fusers))
+    r, s = _prepared(receiver_caches, sharer_caches, receiver_slots, sharer_slots, dedupe=False)
+    return torch.ops.c2c_native.project(receiver_caches, sharer_caches, r, s, list(weights), list(fusers))
 
 
 def merge(receiver_caches, receiver_slots, projections, head_scales):
+    if receiver_caches:
+        receiver_slots, _ = prepare(receiver_slots, None, slots.rows(receiver_caches[0]), 0, dedupe=True)
     torch.ops.c2c_native.merge(receiver_caches, receiver_slots, projections, head_scales)

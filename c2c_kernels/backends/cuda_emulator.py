@@ -7,19 +7,23 @@ benchmarks leave it out.
 Opt in with ``C2C_CUDA_EMULATOR=1`` (the test suite does). The first use builds it with
 ``torch.utils.cpp_extension`` into ``build/cuda_emulator`` of the source tree (a few minutes
 on two cores, then cached), so it needs a source checkout and a C++ compiler, no CUDA toolkit.
+Slots go through the same ``prepare_slots`` kernel as on the GPU (see ``backends/cuda.py``), with
+the status buffer of the CPU device.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from .. import slots, status
+
 DEVICES = ("cpu",)
-EMULATOR = True  # backends.available() leaves emulators out
+EMULATOR = True  # test-only: never auto, left out of backends.available() and the benchmarks
 
 _ROOT = Path(__file__).resolve().parents[2]
 _SOURCES = ["python/cuda_emulator.cpp", "csrc/cuda/emulator/emulator.cpp", "csrc/cuda/emulator/selftest.cpp",
             *(f"csrc/cuda/emulator/{name}.cpp" for name in ("batched_linear", "fuse", "gather_norm", "merge",
-                                                             "merge_op"))]
+                                                             "merge_op", "prepare_slots"))]
 _module = None
 
 
@@ -58,14 +62,27 @@ def unavailable():
     return None
 
 
+def prepare(receiver_slots, sharer_slots, receiver_rows: int, sharer_rows: int, *, dedupe: bool):
+    """The ``prepare_slots`` kernel on the emulator (see ``backends/cuda.py``)."""
+    return tuple(_build().prepare_slots(receiver_slots, sharer_slots, receiver_rows, sharer_rows, dedupe,
+                                        status.buffer(receiver_slots.device)))
+
+
+def _prepared(receiver_caches, sharer_caches, receiver_slots, sharer_slots, *, dedupe):
+    if not receiver_caches:
+        return receiver_slots, sharer_slots
+    return prepare(receiver_slots, sharer_slots, slots.rows(receiver_caches[0]), slots.rows(sharer_caches[0]),
+                   dedupe=dedupe)
+
+
 def fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers):
-    _build().fuse(list(receiver_caches), list(sharer_caches), receiver_slots, sharer_slots, list(weights),
-                  list(fusers))
+    r, s = _prepared(receiver_caches, sharer_caches, receiver_slots, sharer_slots, dedupe=True)
+    _build().fuse(list(receiver_caches), list(sharer_caches), r, s, list(weights), list(fusers))
 
 
 def project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers):
-    return tuple(_build().project(list(receiver_caches), list(sharer_caches), receiver_slots, sharer_slots,
-                                  list(weights), list(fusers)))
+    r, s = _prepared(receiver_caches, sharer_caches, receiver_slots, sharer_slots, dedupe=False)
+    return tuple(_build().project(list(receiver_caches), list(sharer_caches), r, s, list(weights), list(fusers)))
 
 
 def selftest(name: str, blocks: int = 1, threads: int = 32) -> list[float]:
@@ -74,4 +91,6 @@ def selftest(name: str, blocks: int = 1, threads: int = 32) -> list[float]:
 
 
 def merge(receiver_caches, receiver_slots, projections, head_scales):
+    if receiver_caches:
+        receiver_slots, _ = prepare(receiver_slots, None, slots.rows(receiver_caches[0]), 0, dedupe=True)
     _build().merge(list(receiver_caches), receiver_slots, list(projections), list(head_scales))

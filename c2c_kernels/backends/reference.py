@@ -5,6 +5,7 @@ Runs on any device; syncs with the host (boolean masks), so not CUDA-graph captu
 from ..reference import fuse, merge, project  # noqa: F401
 
 DEVICES = ("cpu", "cuda", "meta")
+# No AUTO entry: the registry's FALLBACK, auto's last resort on every device type.
 
 
 def unavailable():

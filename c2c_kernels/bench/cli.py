@@ -11,11 +11,10 @@ import sys
 import torch
 
 from .. import backends
-from ..testing import WORKLOADS
 from . import peaks as peaks_mod
 from . import report, runners
 from .run import Plan, run
-from .workloads import LAYOUT_CHOICES, Workload, named_workload
+from .workloads import LAYOUT_CHOICES, WORKLOADS, Workload, named_workload
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -51,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
                "bf16. See docs/benchmarks.md for how to read the numbers.")
     w = p.add_argument_group("what to run")
     w.add_argument("--workload", nargs="+", metavar="NAME", default=None,
-                   help=f"workloads of fuser.md ('all' for every one): {', '.join(WORKLOADS)}")
+                   help=f"workloads of docs/fuser.md ('all' for every one): {', '.join(WORKLOADS)}")
     w.add_argument("--receiver", type=_shape, metavar="LxHxD",
                    help="a custom workload: receiver layers x KV heads x head dim (needs --sharer)")
     w.add_argument("--sharer", type=_shape, metavar="LxHxD", help="the custom workload's sharer")
@@ -90,7 +89,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--ttft", action="store_true",
                    help="time to first token with transformers models (random weights from the published "
                         "configs): both prefills, fusion, first decode; fused kernels vs the reference fuser")
-    e.add_argument("--tiny-models", action="store_true", help="with --ttft: shrink the models (a smoke run)")
+    e.add_argument("--tiny-models", action="store_true", help="with --ttft: shrink the models; with --decode: "
+                   "shrink the fusers (a smoke run)")
+    e.add_argument("--decode", action="store_true",
+                   help="the decode step of include_response fusion: B requests x 1 token, every mapped layer, "
+                        "one fuse_all per step (B from --requests if given, else 1, 8 and 64)")
     return p
 
 
@@ -145,11 +148,11 @@ def _contenders(args, p, device) -> list[str]:
             p.error(f"--backends: unknown {name!r}; expected names from {runners.known_contenders()}")
         if name in (runners.EAGER, runners.COMPILED):
             continue
-        module = backends._load(name)
-        if isinstance(module, str):
-            p.error(f"--backends: {name!r} is not available here: {module}")
-        if device.type not in module.DEVICES:
-            p.error(f"--backends: {name!r} runs on {list(module.DEVICES)}, not on {device.type}")
+        reason = backends.reason(name)
+        if reason is not None:
+            p.error(f"--backends: {name!r} is not available here: {reason}")
+        if device.type not in backends.devices(name):
+            p.error(f"--backends: {name!r} runs on {list(backends.devices(name))}, not on {device.type}")
     return names
 
 
@@ -196,10 +199,10 @@ def _list(device: torch.device) -> None:
         print(f"  {name:26s} {'x'.join(map(str, w.receiver)):>9} / {'x'.join(map(str, w.sharer)):<9} "
               f"{w.fused_layers}")
     print(f"contenders on {device.type}: {', '.join(runners.default_contenders(device.type, True))}")
-    for name in backends._MODULES:
-        module = backends._load(name)
-        if isinstance(module, str):
-            print(f"  {name}: unavailable ({module})")
+    for name in backends.names():
+        reason = backends.reason(name)
+        if reason is not None:
+            print(f"  {name}: unavailable ({reason})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
             torch.bfloat16 if device.type == "cuda" else torch.float32)
         return run_ttft(args.workload or [next(iter(WORKLOADS))], args.tokens or [512], args.requests, device,
                         dtype, repeats=3, tiny=args.tiny_models, json_path=args.json)
+    if args.decode:
+        from .ttft import run_decode
+        dtype = DTYPES[args.dtype[0]] if args.dtype != DEFAULT_DTYPES else (
+            torch.bfloat16 if device.type == "cuda" else torch.float32)
+        batches = [args.requests] if "--requests" in argv else [1, 8, 64]
+        return run_decode(args.workload or [next(iter(WORKLOADS))], batches, device, dtype,
+                          repeats=3 if device.type == "cpu" else 20, tiny=args.tiny_models, json_path=args.json)
     workloads = _workloads(args, p)
     plan = Plan(workloads=workloads, layers=_layers(args, p, workloads, device),
                 tokens=args.tokens or DEFAULTS[device.type]["tokens"], requests=args.requests,

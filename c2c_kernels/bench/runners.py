@@ -6,7 +6,6 @@ of the receiver cache.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +15,7 @@ from .. import backends
 from ..api import fuse_all
 from ..eager import EagerC2C
 from ..testing import TOLERANCES
+from . import timing
 from .workloads import Inputs
 
 EAGER = "eager"
@@ -32,7 +32,7 @@ def default_contenders(device_type: str, include_reference: bool = False) -> lis
 
 
 def known_contenders() -> list[str]:
-    return [EAGER, COMPILED, *backends.NAMES[1:]]  # NAMES[0] is "auto"
+    return [EAGER, COMPILED, *backends.names()]
 
 
 _models: dict = {"weights": None}  # models of the current weights only: old ones can be freed
@@ -86,21 +86,12 @@ def _rows(name: str, inputs: Inputs, receiver, output) -> list[torch.Tensor]:
     return [view[slots // view.shape[1], slots % view.shape[1]].float() for kv in receiver.kv for view in kv]
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def fused_rows(name: str, inputs: Inputs) -> tuple[list[torch.Tensor], float]:
     """Run ``name`` once on a clean receiver copy: its fused rows and the call's wall time in
     seconds (the first call of a shape: compiles and autotuning included)."""
     receiver = inputs.fresh_receiver()
-    call = make_call(name, inputs, receiver)
-    synchronize(inputs.device)
-    start = time.perf_counter()
-    output = call()
-    synchronize(inputs.device)
-    return _rows(name, inputs, receiver, output), time.perf_counter() - start
+    sample = timing.measure(make_call(name, inputs, receiver), inputs.device)
+    return _rows(name, inputs, receiver, sample.result), sample.wall_s
 
 
 @dataclass

@@ -1,8 +1,11 @@
-"""Timing one call: CUDA-side timings on a GPU, wall clock on the CPU.
+"""Timing calls, for every benchmark of the project (c2c-bench, ``benchmarks/``, the
+``transformers`` end-to-end timings): CUDA-side timings on a GPU, wall clock on the CPU.
 
-On a GPU ``triton.testing.do_bench`` runs the call (it flushes the L2 cache before every run,
-so weights are read from HBM as in a real prefill step); without Triton, CUDA events around
-each call with the same flush. Times are in milliseconds.
+:func:`measure` is the one wall-clock measurement (device synchronized on both sides, process
+CPU time alongside); the loops here build on it. On a GPU :func:`time_gpu` runs the call with
+``triton.testing.do_bench`` (it flushes the L2 cache before every run, so weights are read from
+HBM as in a real prefill step); without Triton, CUDA events around each call with the same
+flush. :class:`Timing` times are in milliseconds, :class:`Sample` times in seconds.
 """
 from __future__ import annotations
 
@@ -12,6 +15,48 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+
+def synchronize(device=None) -> None:
+    """Waits for the GPU when ``device`` (a torch.device or a string) is a CUDA device."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Sample:
+    wall_s: float
+    cpu_s: float  # CPU time of this process (all its threads) during the call
+    result: object = None
+
+
+def measure(call: Callable[[], object], device=None) -> Sample:
+    """One call, timed: the device is synchronized before and after, so a GPU call counts once
+    it has finished."""
+    synchronize(device)
+    w0, c0 = time.perf_counter(), time.process_time()
+    result = call()
+    synchronize(device)
+    return Sample(time.perf_counter() - w0, time.process_time() - c0, result)
+
+
+def repeat(call: Callable[[], object], device=None, *, repeats: int, warmup: int = 1) -> list[Sample]:
+    """``warmup`` untimed calls, then ``repeats`` measured ones."""
+    for _ in range(warmup):
+        call()
+    return [measure(call, device) for _ in range(repeats)]
+
+
+def synchronized(call: Callable[[], object], device) -> Callable[[], object]:
+    """``call``, made to wait for the GPU: for timers that read a wall clock (pytest-benchmark)."""
+    if torch.device(device).type != "cuda":
+        return call
+
+    def run():
+        out = call()
+        synchronize(device)
+        return out
+    return run
 
 
 @dataclass
@@ -38,9 +83,7 @@ def time_cpu(call: Callable[[], object], *, min_time_s: float = 0.5, min_samples
         call()
     samples, start = [], time.perf_counter()
     while len(samples) < max_samples:
-        t0 = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - t0) * 1e3)
+        samples.append(measure(call).wall_s * 1e3)
         if len(samples) >= min_samples and time.perf_counter() - start >= min_time_s:
             break
     return Timing.of(samples)
@@ -101,15 +144,41 @@ def time_interleaved(calls: dict[str, Callable[[], object]], *, min_time_s: floa
     start, rounds = time.perf_counter(), 0
     while live and rounds < max_samples:
         for name, call in list(live.items()):
-            t0 = time.perf_counter()
             try:
-                call()
+                sample = measure(call)
             except Exception as e:  # noqa: BLE001  (reported in the row)
                 errors[name] = f"{type(e).__name__}: {e}"
                 del live[name]
                 continue
-            samples[name].append((time.perf_counter() - t0) * 1e3)
+            samples[name].append(sample.wall_s * 1e3)
         rounds += 1
         if rounds >= min_samples and time.perf_counter() - start >= min_time_s * max(len(live), 1):
             break
     return {name: Timing.of(s) for name, s in samples.items() if name not in errors and s}, errors
+
+
+def time_gpu_back_to_back(call: Callable[[], object], iterations: int) -> float:
+    """Milliseconds per call, ``iterations`` calls back to back on the current stream between two
+    CUDA events (launch cost hidden, no L2 flush), best of three runs."""
+    call()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(3):
+        start.record()
+        for _ in range(iterations):
+            call()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / iterations)
+    return best
+
+
+def time_per_call(call: Callable[[], object], min_time_s: float) -> float:
+    """Mean wall seconds per call: at least one call, repeated until ``min_time_s`` has passed."""
+    calls, elapsed = 0, 0.0
+    while True:
+        elapsed += measure(call).wall_s
+        calls += 1
+        if elapsed >= min_time_s:
+            return elapsed / calls

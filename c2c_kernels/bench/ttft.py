@@ -1,4 +1,4 @@
-"""``c2c-bench --ttft``: end-to-end time to first token of C2C generation with ``transformers``
+"""``c2c-bench --ttft`` / ``--decode``: end-to-end time to first token of C2C generation with ``transformers``
 models (both prefills, the fusion, the first decode step), fused kernels against the same
 pipeline with the reference fuser, and the receiver alone as the floor."""
 from __future__ import annotations
@@ -31,5 +31,32 @@ def run_ttft(workloads: list[str], tokens: list[int], requests: int, device: tor
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"ttft": rows}, f, indent=2, default=str)
+        print(f"wrote {json_path}")
+    return 0
+
+
+def run_decode(workloads: list[str], batches: list[int], device: torch.device, dtype, *,
+               repeats: int, tiny: bool = False, json_path: str | None) -> int:
+    """``c2c-bench --decode``: the decode step of ``include_response`` fusion (one new row per
+    request, every mapped layer, one ``fuse_all``), per batch size; a CUDA-graph replay on a GPU."""
+    try:
+        from ..integrations import hf_bench
+    except ImportError as e:
+        print(f"--decode needs the hf extra (pip install -e '.[hf]'): {e}", file=sys.stderr)
+        return 2
+    rows = []
+    for workload in workloads:
+        print(f"decode: {workload}, batches {batches} ...", file=sys.stderr, flush=True)
+        rows += hf_bench.decode_rows(workload, batches=tuple(batches), device=device, dtype=dtype,
+                                     repeats=repeats, warmup=max(1, repeats // 5),
+                                     **(dict(fuser_hidden=32, fuser_intermediate=32) if tiny else {}))
+    print(f"{'workload':28} {'variant':24} {'batch':>5} {'median_us':>10} {'weights_GB/s':>12} {'vs_ref':>7}")
+    for r in rows:
+        vs = f"{r['vs_reference']:.2f}x" if r.get("vs_reference") else ""
+        print(f"{r['workload']:28} {r['variant']:24} {r['batch']:>5} {r['median_us']:>10.1f} "
+              f"{r.get('weights_gbps', 0):>12.1f} {vs:>7}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"decode": rows}, f, indent=2, default=str)
         print(f"wrote {json_path}")
     return 0

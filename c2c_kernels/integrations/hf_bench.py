@@ -1,19 +1,22 @@
-"""End-to-end time to first token of C2C generation with ``transformers`` models.
+"""End-to-end time to first token of C2C generation with ``transformers`` models, and the
+fusion of decoded tokens.
 
-One row = both prefills, the fusion and the first decode step (:meth:`C2CModel.first_token_logits`),
-timed for the fused kernels against the same pipeline with the reference fuser, and the
-receiver alone as the floor. Models are randomly initialised from the published configs of
-the benchmark pairs (:data:`c2c_kernels.testing.WORKLOADS`): timing does not depend on weight
+:func:`ttft_rows`: one row = both prefills, the fusion and the first decode step
+(:meth:`C2CModel.first_token_logits`), timed for the fused kernels against the same pipeline
+with the reference fuser, and the receiver alone as the floor. :func:`decode_rows`: the fusion
+of one decode step with ``include_response`` (B requests, one new row each, every mapped layer
+in one ``fuse_all`` call). Models are randomly initialised from the published configs of the
+benchmark pairs (:data:`c2c_kernels.bench.workloads.WORKLOADS`): timing does not depend on weight
 values, and nothing is downloaded.
 """
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
-from .hf import C2CModel, PromptBatch, Sharer, kv_geometry, random_checkpoint
+from ..bench import timing
+from .hf import C2CModel, DecodeFusion, PromptBatch, Sharer, kv_geometry, random_checkpoint
 from .memory import peak_memory
 from .tiny import model_config, random_model
 
@@ -57,18 +60,8 @@ def workload_configs(workload: str, *, tiny: bool = False):
 
 
 def _timed(fn, device, repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+    """Wall seconds of ``repeats`` calls after ``warmup`` (the device synchronized around each)."""
+    return [s.wall_s for s in timing.repeat(fn, device, repeats=repeats, warmup=warmup)]
 
 
 def time_to_first_token(model: C2CModel, prompts: PromptBatch, *, fuse: bool = True, backend: str | None = None,
@@ -133,7 +126,7 @@ def fusion_memory(workload: str = "qwen3-0.6b+qwen2.5-0.5b", *, batch: int = 1, 
     from ..api import fuse_all
     from ..checkpoint import last_aligned_map, make_checkpoint
     from ..layouts import dynamic_cache_views, hf_slots
-    from ..testing import WORKLOADS
+    from ..bench.workloads import WORKLOADS
     from ..weights import random_weights
     from .hf import fuse_prompt_cache
     from .memory import cache_bytes
@@ -164,3 +157,54 @@ def fusion_memory(workload: str = "qwen3-0.6b+qwen2.5-0.5b", *, batch: int = 1, 
             "dtype": str(dtype).replace("torch.", ""), "receiver_cache_mib": cache_bytes(receiver) / 2**20,
             "sharer_cache_mib": cache_bytes(sharer) / 2**20, "integration_peak_mib": integration_peak / 2**20,
             "op_peak_mib": op_peak / 2**20}
+
+
+def decode_rows(workload: str = "qwen3-0.6b+qwen2.5-0.5b", *, batches=(1, 8, 64), device=None, dtype=None,
+                backends=("auto", "reference"), repeats: int = 20, warmup: int = 3, graph: bool = True,
+                fuser_hidden: int = 1024, fuser_intermediate: int = 1024, seed: int = 0) -> list[dict]:
+    """The decode-step fusion of ``include_response``: for each batch size ``B``, one
+    :meth:`DecodeFusion.fuse` (one new row per request, every mapped layer, one ``fuse_all``
+    call) per backend, plus, on CUDA, the same call replayed from a CUDA graph. Each row holds
+    ``workload, variant, batch, median_us, min_us, weights_mib`` (the fuser weights every step
+    reads), ``weights_gbps`` (those bytes over the median time) and, for fused variants,
+    ``vs_reference``. No models are built (their configs give the cache geometry)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    receiver_config, sharer_config = workload_configs(workload)
+    ckpt = random_checkpoint(receiver_config, sharer_config, hidden_dim=fuser_hidden,
+                             intermediate_dim=fuser_intermediate, dtype=dtype, device=device, seed=seed)
+    weight_bytes = sum(t.numel() * t.element_size() for t in ckpt.weights if isinstance(t, torch.Tensor))
+    rows = []
+    for batch in batches:
+        timed = []
+        for backend in backends:
+            fusion = DecodeFusion([ckpt], receiver_config, [sharer_config], batch, backend=backend, device=device,
+                                  dtype=dtype)
+            generator = torch.Generator(device=device).manual_seed(seed + batch)
+            for pair in [fusion.receiver_rows] + fusion.sharer_rows:
+                for kv in pair:
+                    for t in (kv or ()):
+                        t.copy_(torch.randn(t.shape, generator=generator, device=device, dtype=dtype))
+            timed.append((f"fused ({backend})", _timed(fusion.fuse, device, repeats, warmup)))
+            if graph and device.type == "cuda" and backend != "reference":
+                stream = torch.cuda.Stream(device)
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    fusion.fuse()  # compile and warm up outside the capture
+                torch.cuda.current_stream(device).wait_stream(stream)
+                cuda_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(cuda_graph):
+                    fusion.fuse()
+                timed.append((f"fused ({backend}, graph)", _timed(cuda_graph.replay, device, repeats, warmup)))
+        for name, times in timed:
+            median = statistics.median(times)
+            rows.append({"workload": workload, "variant": name, "batch": batch, "device": device.type,
+                         "dtype": str(dtype).replace("torch.", ""), "median_us": 1e6 * median,
+                         "min_us": 1e6 * min(times), "weights_mib": weight_bytes / 2**20,
+                         "weights_gbps": weight_bytes / median / 1e9})
+        reference = next((r["median_us"] for r in rows if r["batch"] == batch and r["variant"] == "fused (reference)"),
+                         None)
+        for row in rows:
+            if reference and row["batch"] == batch:
+                row["vs_reference"] = reference / row["median_us"]
+    return rows

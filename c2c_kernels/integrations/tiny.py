@@ -2,7 +2,8 @@
 
 Used by the tests, the example's ``--demo`` and the benchmark's smoke run. The two tokenizer
 kinds split text differently, as a Qwen (byte-level BPE, no BOS) and a Llama-style
-(metaspace BPE with a BOS token) tokenizer do, so the alignment between them is not trivial.
+(metaspace BPE with a BOS token) tokenizer do, so the alignment between them is not trivial,
+and each has a chat template in its family's style (different markers, different lengths).
 """
 from __future__ import annotations
 
@@ -17,8 +18,22 @@ CORPUS = [
 ]
 
 
-def tiny_tokenizer(kind: str = "bytelevel", vocab_size: int = 320):
-    """A fast tokenizer trained on :data:`CORPUS`: ``"bytelevel"`` or ``"metaspace"`` (adds BOS)."""
+# Chat templates in the style of each family: ChatML markers for the byte-level (Qwen-like)
+# tokenizer, header/end-of-turn markers after a BOS for the metaspace (Llama-like) one.
+CHAT_TEMPLATES = {
+    "bytelevel": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+    "metaspace": ("<s>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                  "{{ m['content'] }}<|eot_id|>{% endfor %}"
+                  "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
+}
+CHAT_MARKERS = {"bytelevel": ["<|im_start|>", "<|im_end|>"],
+                "metaspace": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+
+
+def tiny_tokenizer(kind: str = "bytelevel", vocab_size: int = 320, *, chat: bool = True):
+    """A fast tokenizer trained on :data:`CORPUS`: ``"bytelevel"`` or ``"metaspace"`` (adds BOS).
+    ``chat``: with its chat markers (added special tokens) and :data:`CHAT_TEMPLATES` template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -40,11 +55,16 @@ def tiny_tokenizer(kind: str = "bytelevel", vocab_size: int = 320):
                                   show_progress=False)
     tok.train_from_iterator(CORPUS * 2, trainer)
     if kind == "bytelevel":
-        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-    bos = ("<s>", tok.token_to_id("<s>"))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="</s>")
+        out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    else:
+        bos = ("<s>", tok.token_to_id("<s>"))
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
+        out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                      pad_token="</s>")
+    if chat:
+        out.add_special_tokens({"additional_special_tokens": CHAT_MARKERS[kind]})
+        out.chat_template = CHAT_TEMPLATES[kind]
+    return out
 
 
 # Three small families with distinct KV geometries (heads x dim), like a receiver and its sharers.

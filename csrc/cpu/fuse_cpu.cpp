@@ -14,6 +14,16 @@
 namespace c2c::cpu {
 namespace {
 
+// One slot tensor addresses every entry, so every view of a list must have the same rows:
+// the slots are checked once, against entry 0's pool.
+void check_one_pool(const char* name, const std::vector<at::Tensor>& views) {
+  for (size_t i = 1; i < views.size(); ++i) {
+    TORCH_CHECK_VALUE(views[i].size(0) == views[0].size(0) && views[i].size(1) == views[0].size(1), "c2c cpu: ", name,
+                      "[", i, "] has ", views[i].size(0), " pages x ", views[i].size(1), " entries, ", name, "[0] ",
+                      views[0].size(0), " x ", views[0].size(1), "; one slot tensor addresses every entry");
+  }
+}
+
 void check_entries(const std::vector<at::Tensor>& receiver_caches, const std::vector<at::Tensor>& sharer_caches,
                    const StackedWeights& w, const std::vector<int64_t>& fusers) {
   TORCH_CHECK(receiver_caches.size() == sharer_caches.size() && receiver_caches.size() == fusers.size(),
@@ -28,6 +38,8 @@ void check_entries(const std::vector<at::Tensor>& receiver_caches, const std::ve
     TORCH_CHECK(sc.size(2) * sc.size(3) == w.sharer_width, "c2c cpu: sharer_caches[", i,
                 "] does not match the fuser's sharer width");
   }
+  check_one_pool("receiver_caches", receiver_caches);
+  check_one_pool("sharer_caches", sharer_caches);
 }
 
 }  // namespace
@@ -37,10 +49,13 @@ void fuse(const std::vector<at::Tensor>& receiver_caches, const std::vector<at::
           const std::vector<int64_t>& fusers) {
   const StackedWeights w(weights);
   check_entries(receiver_caches, sharer_caches, w, fusers);
+  if (fusers.empty()) return;
+  // Bad slots raise even when every gate is closed: the call is wrong either way.
+  const Tokens tokens = valid_tokens(receiver_slots, pool_rows(receiver_caches[0]), &sharer_slots,
+                                     pool_rows(sharer_caches[0]), /*dedupe=*/true);
   bool any_open = false;
   for (int64_t f : fusers) any_open = any_open || w.gate_open(f);
   if (!any_open) return;  // closed gates: no work at all
-  const Tokens tokens = valid_tokens(receiver_slots, &sharer_slots);
   const Engine engine = choose_engine(w.dtype);
   std::vector<at::Tensor> workspace;
   Sink sink;
@@ -65,7 +80,9 @@ std::tuple<at::Tensor, at::Tensor> project(const std::vector<at::Tensor>& receiv
   at::Tensor projection = at::zeros({r, t, w.receiver_width}, opts);
   at::Tensor head_scale = at::zeros({r, t, w.receiver_heads}, opts);
   if (r == 0 || t == 0) return {projection, head_scale};
-  const Tokens tokens = valid_tokens(receiver_slots, &sharer_slots);
+  // Every valid token gets its rows, duplicated receiver slots included.
+  const Tokens tokens = valid_tokens(receiver_slots, pool_rows(receiver_caches[0]), &sharer_slots,
+                                     pool_rows(sharer_caches[0]), /*dedupe=*/false);
   const Engine engine = choose_engine(w.dtype);
   std::vector<at::Tensor> workspace;
   for (int64_t i = 0; i < r; ++i) {
@@ -85,7 +102,9 @@ void merge(const std::vector<at::Tensor>& receiver_caches, const at::Tensor& rec
   TORCH_CHECK(projections.size() % r == 0 && head_scales.size() == projections.size(),
               "c2c cpu: expected S * R projections and head_scales");
   const int64_t s = static_cast<int64_t>(projections.size()) / r;
-  const Tokens tokens = valid_tokens(receiver_slots, nullptr);
+  check_one_pool("receiver_caches", receiver_caches);
+  // Of several tokens with one receiver slot only the last is merged (one write per row).
+  const Tokens tokens = valid_tokens(receiver_slots, pool_rows(receiver_caches[0]), nullptr, 0, /*dedupe=*/true);
   const int64_t m_count = tokens.size(), t = receiver_slots.size(0);
   if (m_count == 0 || s == 0) return;
 
@@ -137,7 +156,8 @@ std::string config(c10::ScalarType dtype) {
   std::string gemm = engine_name(engine);
   if (engine == Engine::F32 && dtype != at::kFloat) gemm += " (16-bit weights widened to fp32 per block)";
   if (engine == Engine::Native16) gemm += " (ATen/oneDNN 16-bit GEMM)";
-  return "gemm=" + gemm + " vec=" + vec().name + " threads=" + std::to_string(at::get_num_threads());
+  return "gemm=" + gemm + " vec=" + vec().name + " threads=" + std::to_string(at::get_num_threads()) +
+         (poisoning() ? " workspaces=poisoned" : "");
 }
 
 }  // namespace c2c::cpu

@@ -23,7 +23,8 @@ std::tuple<at::Tensor, at::Tensor> project(const std::vector<at::Tensor>& receiv
 void merge(const std::vector<at::Tensor>& receiver_caches, const at::Tensor& receiver_slots,
            const std::vector<at::Tensor>& projections, const std::vector<at::Tensor>& head_scales);
 
-// "gemm=<engine> vec=<row kernels> threads=<n>" for caches of `dtype` on this CPU.
+// "gemm=<engine> vec=<row kernels> threads=<n>" for caches of `dtype` on this CPU, plus
+// " workspaces=poisoned" under C2C_POISON_WORKSPACES=1.
 std::string config(c10::ScalarType dtype);
 
 }  // namespace c2c::cpu

@@ -1,12 +1,14 @@
-// The fuser pipeline of the CPU backend (fuser.md), one fuser at a time over all valid tokens.
+// The fuser pipeline of the CPU backend (docs/fuser.md), one fuser at a time over all valid
+// tokens. Each stage is one method of FuserRun, named as the Triton stage files
+// (c2c_kernels/backends/triton) and the CUDA backend's Pipeline (csrc/cuda/fuse.cu):
 //
-//   gather      s, x rows through the slots (any strides) into dense [M, Ks], [M, Kt]
-//   input       u = s W_in_s^T + x W_in_r^T (+ b_in)            -> row pass: bias, RMS, norm
-//   FFN_1       h = gelu(n W1^T) (GELU while each column block is hot), u += h W2^T
-//                                                               -> row pass: RMS, both norms
-//   head        w = u + gelu(n_h Wh1^T) Wh2^T; scale = G sigmoid(w W_head^T + b_head)  (one pass)
-//   proj blocks u += gelu(n W1^T) W2^T                          -> row pass: RMS, next norm
-//   output      y = u W_out^T + b_out; x += scale * y per head, written to the cache (one pass)
+//   gather             s, x rows through the slots (any strides) into dense [M, Ks], [M, Kt]
+//   input_gemm         u = s W_in_s^T + x W_in_r^T (+ b_in)      -> row pass: bias, RMS, norm
+//   ffn_1              h = gelu(n W1^T) (GELU while each column block is hot), u += h W2^T
+//                                                                -> row pass: RMS, both norms
+//   weight_branch      w = u + gelu(n_h Wh1^T) Wh2^T; scale = G sigmoid(w W_head^T + b_head)
+//   projection_blocks  u += gelu(n W1^T) W2^T                    -> row pass: RMS, next norm
+//   output             y = u W_out^T + b_out; x += scale * y per head, written to the cache
 //
 // Engine::F32 keeps every activation fp32 and accumulates the FFN outputs straight into the
 // residual stream u (GEMM beta = 1). Engine::Native16 feeds the GEMMs 16-bit activations and
@@ -17,35 +19,42 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <utility>
+
+#include "fuser_weights.h"
 
 namespace c2c::cpu {
 
-constexpr float kRmsEps = 1e-6f;
-
 StackedWeights::StackedWeights(const std::vector<at::Tensor>& weights) : t(weights) {
-  TORCH_CHECK(t.size() == 14, "c2c cpu: expected the 14 stacked FuserWeights tensors, got ", t.size());
-  TORCH_CHECK(t[0].dim() == 3 && t[1].dim() == 3 && t[4].dim() == 4 && t[9].dim() == 3 && t[11].dim() == 3,
-              "c2c cpu: malformed FuserWeights");
-  fusers = t[0].size(0);
-  hidden = t[0].size(1);
-  sharer_width = t[0].size(2);
-  receiver_width = t[1].size(2);
-  blocks = t[4].size(1);
-  intermediate = t[4].size(2);
-  receiver_heads = t[9].size(1);
-  dtype = t[0].scalar_type();
-  for (size_t i = 0; i < 13; ++i) {
+  TORCH_CHECK(t.size() == kNumWeights, "c2c cpu: expected the ", int(kNumWeights),
+              " stacked FuserWeights tensors, got ", t.size());
+  for (int i = 0; i < kNumWeights; ++i) {
+    TORCH_CHECK(t[i].dim() == kWeightRank[i], "c2c cpu: malformed FuserWeights (weights.", kWeightNames[i], ")");
+  }
+  fusers = t[kWInSharer].size(0);
+  hidden = t[kWInSharer].size(1);
+  sharer_width = t[kWInSharer].size(2);
+  receiver_width = t[kWInReceiver].size(2);
+  blocks = t[kFfnW1].size(1);
+  intermediate = t[kFfnW1].size(2);
+  receiver_heads = t[kWHead].size(1);
+  dtype = t[kWInSharer].scalar_type();
+  for (int i = 0; i < kNumWeights; ++i) {
+    if (kWeightFp32[i]) {
+      TORCH_CHECK(t[i].scalar_type() == at::kFloat && t[i].device().is_cpu() && t[i].size(0) == fusers, "c2c cpu: weights.",
+                  kWeightNames[i], " must be float32 [fusers]");
+      continue;
+    }
     TORCH_CHECK(t[i].scalar_type() == dtype && t[i].device().is_cpu(), "c2c cpu: weights must share one dtype on CPU");
     TORCH_CHECK(t[i].size(0) == fusers, "c2c cpu: every weight stack needs ", fusers, " fusers");
   }
-  TORCH_CHECK(t[13].scalar_type() == at::kFloat && t[13].dim() == 1 && t[13].size(0) == fusers,
-              "c2c cpu: gate_logit must be float32 [fusers]");
   TORCH_CHECK(blocks >= 2 && receiver_width % receiver_heads == 0, "c2c cpu: malformed FuserWeights (num_layers >= 3)");
   // Fusers are addressed by pointer arithmetic below: each stack must be dense. Stacks from
-  // load_checkpoint, random_weights and FuserWeights.select are; anything else is copied here.
-  for (size_t i = 0; i < 13; ++i) {
-    if (!t[i].is_contiguous()) t[i] = t[i].contiguous();
+  // load_checkpoint and random_weights are; anything else is copied here. (The fp32 gate
+  // logits are read with their own stride.)
+  for (int i = 0; i < kNumWeights; ++i) {
+    if (!kWeightFp32[i] && !t[i].is_contiguous()) t[i] = t[i].contiguous();
   }
 }
 
@@ -56,7 +65,7 @@ const char* StackedWeights::at(size_t i, int64_t fuser, int64_t block) const {
 }
 
 bool StackedWeights::gate_open(int64_t fuser) const {
-  return t[13].data_ptr<float>()[fuser * t[13].stride(0)] > 0.f;
+  return t[kGateLogit].data_ptr<float>()[fuser * t[kGateLogit].stride(0)] > 0.f;
 }
 
 namespace {
@@ -70,13 +79,15 @@ struct SmallParams {
   SmallParams(const StackedWeights& w, int64_t f) {
     const int64_t H = w.hidden, B = w.blocks, Ht = w.receiver_heads, Kt = w.receiver_width;
     const Dt dt = dt_of(w.dtype);
-    // (stack index, element count) in the order of the members above.
-    const std::pair<size_t, int64_t> parts[] = {{2, H}, {3, B * H}, {6, H}, {9, Ht * H}, {10, Ht}, {12, Kt}};
+    // (stack, element count) in the order of the members above.
+    const std::pair<size_t, int64_t> parts[] = {{kBIn, H},      {kFfnNorm, B * H}, {kHeadNorm, H},
+                                                {kWHead, Ht * H}, {kBHead, Ht},     {kBOut, Kt}};
     const float** dst[] = {&b_in, &ffn_norm, &head_norm, &w_head, &b_head, &b_out};
     if (dt != Dt::F32) {
       int64_t total = 0;
       for (const auto& p : parts) total += p.second;
       store.resize(total);
+      poison(store.data(), total);
     }
     int64_t off = 0;
     for (size_t i = 0; i < 6; ++i) {
@@ -92,12 +103,15 @@ struct SmallParams {
   }
 };
 
+// Workspace i with room for rows x cols elements (uninitialised; NaN when poisoning, also
+// when it is reused, since a stale value from an earlier fuser would hide a missing write).
 at::Tensor& buffer(std::vector<at::Tensor>& ws, size_t i, int64_t rows, int64_t cols, c10::ScalarType dtype) {
   if (ws.size() <= i) ws.resize(i + 1);
   at::Tensor& b = ws[i];
   if (!b.defined() || b.scalar_type() != dtype || b.numel() < rows * cols) {
     b = at::empty({rows * cols}, at::TensorOptions().dtype(dtype));
   }
+  if (poisoning()) b.fill_(std::numeric_limits<float>::quiet_NaN());
   return b;
 }
 
@@ -124,51 +138,150 @@ inline void norm_into(const float* z, float r, const float* scale, Mat out, int6
 
 inline float rms_inv(float sum_sq, int64_t n) { return 1.f / std::sqrt(sum_sq / static_cast<float>(n) + kRmsEps); }
 
-}  // namespace
+// One fuser over the M valid tokens of a call: its weights, the activation buffers and the
+// stages, in the order run_fuser calls them.
+class FuserRun {
+ public:
+  FuserRun(const StackedWeights& w, int64_t f, Engine engine, const Tokens& tokens, std::vector<at::Tensor>& ws)
+      : w_(w), f_(f), engine_(engine), tokens_(tokens), M(tokens.size()), H(w.hidden), I(w.intermediate),
+        B(w.blocks), Ks(w.sharer_width), Kt(w.receiver_width), Ht(w.receiver_heads), Dh(Kt / Ht),
+        cdt(dt_of(w.dtype)), f32(engine == Engine::F32), ad(f32 ? Dt::F32 : cdt), sp(w, f),
+        gate(w.gate_open(f) ? 1.f : 0.f) {
+    const c10::ScalarType ast = f32 ? at::kFloat : w.dtype;  // dtype of GEMM inputs and outputs
+    // Buffers (reused across fusers of a call).
+    gs = Mat{buffer(ws, 0, M, Ks, ast).data_ptr(), ad, Ks};
+    gx = Mat{buffer(ws, 1, M, Kt, ast).data_ptr(), ad, Kt};
+    u = buffer(ws, 2, M, H, at::kFloat).data_ptr<float>();
+    U = Mat{u, Dt::F32, H};
+    na = Mat{buffer(ws, 3, M, H, ast).data_ptr(), ad, H};
+    nb = Mat{buffer(ws, 4, M, H, ast).data_ptr(), ad, H};
+    // The hidden activations of the FFN blocks ([M, I]) and of the head branch ([M, H]) share
+    // one buffer, each stored densely (leading dimension = its own width). A GEMM input with
+    // unwritten padding columns (ld > K) is a trap: 16-bit oneDNN kernels on AMX read whole
+    // K tiles of A, past a row's last column, and a NaN there spreads into the result.
+    void* const hid_p = buffer(ws, 5, M, std::max(I, H), ast).data_ptr();
+    hid_ffn = Mat{hid_p, ad, I};
+    hid_head = Mat{hid_p, ad, H};
+    O = Mat{buffer(ws, 6, M, H, ast).data_ptr(), ad, H};
+    Y = Mat{buffer(ws, 7, M, Kt, ast).data_ptr(), ad, Kt};
+    scale = buffer(ws, 8, M, Ht, at::kFloat).data_ptr<float>();
+  }
 
-void run_fuser(const StackedWeights& w, int64_t f, Engine engine, const at::Tensor& receiver,
-               const at::Tensor& sharer, const Tokens& tokens, const Sink& sink, std::vector<at::Tensor>& ws) {
-  const int64_t M = tokens.size();
-  if (M == 0) return;
-  const int64_t H = w.hidden, I = w.intermediate, B = w.blocks, Ks = w.sharer_width, Kt = w.receiver_width;
-  const int64_t Ht = w.receiver_heads, Dh = Kt / Ht;
-  const Dt cdt = dt_of(w.dtype);
-  const bool f32 = engine == Engine::F32;
-  const Dt ad = f32 ? Dt::F32 : cdt;  // dtype of GEMM inputs and outputs
-  const c10::ScalarType ast = f32 ? at::kFloat : w.dtype;
-  const VecOps& v = vec();
+  // The sharer and receiver rows of the valid tokens.
+  void gather(const CacheView<char>& sv, const CacheView<char>& rv) {
+    const VecOps& v = vec();
+    const int64_t es = dt_size(cdt);
+    for_rows(M, [&](int64_t m) {
+      for (int32_t h = 0; h < sv.heads; ++h) {
+        const char* src = sv.row(tokens_.sharer[m], h);
+        void* dst = offset(gs, m, int64_t{h} * sv.head_dim).p;
+        if (ad == cdt) std::memcpy(dst, src, sv.head_dim * es); else v.load(src, cdt, static_cast<float*>(dst), sv.head_dim);
+      }
+      for (int32_t h = 0; h < rv.heads; ++h) {
+        const char* src = rv.row(tokens_.receiver[m], h);
+        void* dst = offset(gx, m, int64_t{h} * rv.head_dim).p;
+        if (ad == cdt) std::memcpy(dst, src, rv.head_dim * es); else v.load(src, cdt, static_cast<float*>(dst), rv.head_dim);
+      }
+    });
+  }
 
-  // Weights of fuser f: row-major matrices [out, in] (leading dimension = in).
-  auto mat = [&](size_t i, int64_t ld, int64_t block = 0) {
-    return Mat{const_cast<char*>(w.at(i, f, block)), cdt, ld};
-  };
-  const Mat w_in_s = mat(0, Ks), w_in_r = mat(1, Kt), head_w1 = mat(7, H), head_w2 = mat(8, H), w_out = mat(11, H);
-  auto w1 = [&](int64_t b) { return mat(4, H, b); };
-  auto w2 = [&](int64_t b) { return mat(5, I, b); };
-  const SmallParams sp(w, f);
-  const float gate = w.gate_open(f) ? 1.f : 0.f;
-  const float* b_in_p = sp.b_in;
-  const float* head_norm_p = sp.head_norm;
-  const float* w_head_p = sp.w_head;
-  const float* b_head_p = sp.b_head;
-  const float* b_out_p = sp.b_out;
-  auto norm_p = [&](int64_t b) { return sp.ffn_norm + b * H; };
+  // Input Linear; row pass: u = . + b_in, na = norm_0(u).
+  void input_gemm() {
+    const VecOps& v = vec();
+    const Mat in_out = f32 ? U : O;
+    gemm(engine_, M, H, Ks, gs, mat(kWInSharer, Ks), in_out, false);
+    gemm(engine_, M, H, Kt, gx, mat(kWInReceiver, Kt), in_out, true);
+    for_rows(M, [&](int64_t m) {
+      float* ur = u + m * H;
+      if (!f32) v.load(offset(O, m, 0).p, ad, ur, H);
+      const float r = rms_inv(v.add_sum_sq(ur, sp.b_in, H), H);
+      norm_into(ur, r, ffn_norm(0), na, m, H);
+    });
+  }
 
-  // Buffers (reused across fusers of a call).
-  const Mat gs{buffer(ws, 0, M, Ks, ast).data_ptr(), ad, Ks};
-  const Mat gx{buffer(ws, 1, M, Kt, ast).data_ptr(), ad, Kt};
-  float* u = buffer(ws, 2, M, H, at::kFloat).data_ptr<float>();
-  const Mat U{u, Dt::F32, H};
-  const Mat na{buffer(ws, 3, M, H, ast).data_ptr(), ad, H};
-  const Mat nb{buffer(ws, 4, M, H, ast).data_ptr(), ad, H};
-  const int64_t hid_w = std::max(I, H);
-  const Mat hid{buffer(ws, 5, M, hid_w, ast).data_ptr(), ad, hid_w};
-  const Mat O{buffer(ws, 6, M, H, ast).data_ptr(), ad, H};
-  const Mat Y{buffer(ws, 7, M, Kt, ast).data_ptr(), ad, Kt};
-  float* scale = buffer(ws, 8, M, Ht, at::kFloat).data_ptr<float>();
+  // FFN_1; row pass: both branch norms (na = head_norm(u), nb = ffn_norm_1(u)).
+  void ffn_1() {
+    ffn_block(na, 0);
+    for_rows(M, [&](int64_t m) {
+      const float r = rms_inv(residual(m), H);
+      const float* ur = u + m * H;
+      norm_into(ur, r, sp.head_norm, na, m, H);
+      if (B > 1) norm_into(ur, r, ffn_norm(1), nb, m, H);
+    });
+  }
 
-  // GELU on a finished column block of hid (runs inside the GEMM's thread).
-  auto gelu_cols = [&](int64_t n0, int64_t n1) {
+  // Weight branch: w = u + FFN_w; a = w W_head^T + b_head; scale = G sigmoid(a).
+  void weight_branch() {
+    const VecOps& v = vec();
+    gemm(engine_, M, H, H, na, mat(kHeadW1, H), hid_head, false,
+         [&](int64_t n0, int64_t n1) { gelu_cols(hid_head, n0, n1); });
+    gemm(engine_, M, H, H, hid_head, mat(kHeadW2, H), O, false);
+    for_rows(M, [&](int64_t m) {
+      float* wr = scratch(2, H);
+      if (f32) std::memcpy(wr, offset(O, m, 0).p, H * sizeof(float)); else v.load(offset(O, m, 0).p, ad, wr, H);
+      v.add(wr, u + m * H, H);
+      for (int64_t h = 0; h < Ht; ++h) {
+        const float a = v.dot(wr, sp.w_head + h * H, H) + sp.b_head[h];
+        scale[m * Ht + h] = gate / (1.f + std::exp(-a));
+      }
+    });
+  }
+
+  // Projection blocks 1 .. B-1; row pass: the next norm (or, for Native16, u as the 16-bit
+  // input of W_out).
+  void projection_blocks() {
+    const VecOps& v = vec();
+    for (int64_t b = 1; b < B; ++b) {
+      ffn_block(nb, b);
+      const bool last = b == B - 1;
+      if (f32 && last) break;  // u is already the fp32 input of W_out
+      for_rows(M, [&](int64_t m) {
+        const float* ur = u + m * H;
+        if (last) {
+          v.add(u + m * H, row_f32(O, m, H, 1), H);
+          v.store(ur, offset(nb, m, 0).p, ad, H);
+        } else {
+          norm_into(ur, rms_inv(residual(m), H), ffn_norm(b + 1), nb, m, H);
+        }
+      });
+    }
+  }
+
+  // Output Linear and the gated merge into the receiver rows (or the fp32 corrections for
+  // project).
+  void output(const CacheView<char>& rv, const Sink& sink) {
+    const VecOps& v = vec();
+    gemm(engine_, M, Kt, H, f32 ? U : nb, mat(kWOut, H), Y, false);
+    for_rows(M, [&](int64_t m) {
+      float* yr = row_f32(Y, m, Kt, 0);
+      v.add(yr, sp.b_out, Kt);
+      const float* sr = scale + m * Ht;
+      if (sink.receiver == nullptr) {
+        const int64_t t = tokens_.index[m];
+        std::memcpy(sink.projection + t * Kt, yr, Kt * sizeof(float));
+        std::memcpy(sink.head_scale + t * Ht, sr, Ht * sizeof(float));
+        return;
+      }
+      float* xr = row_f32(gx, m, Kt, 1);
+      for (int32_t h = 0; h < rv.heads; ++h) {
+        float* xh = xr + int64_t{h} * Dh;
+        v.axpy(sr[h], yr + int64_t{h} * Dh, xh, Dh);
+        v.store(xh, rv.row(tokens_.receiver[m], h), cdt, Dh);
+      }
+    });
+  }
+
+ private:
+  // Stack `i` of fuser f_ (FFN `block` for the [P, B, ...] stacks): a row-major [out, in]
+  // matrix, leading dimension = in.
+  Mat mat(Weight i, int64_t ld, int64_t block = 0) const {
+    return Mat{const_cast<char*>(w_.at(i, f_, block)), cdt, ld};
+  }
+  const float* ffn_norm(int64_t b) const { return sp.ffn_norm + b * H; }
+
+  // GELU on a finished column block of `hid` (runs inside the GEMM's thread).
+  void gelu_cols(const Mat& hid, int64_t n0, int64_t n1) const {
+    const VecOps& v = vec();
     for (int64_t m = 0; m < M; ++m) {
       void* p = offset(hid, m, n0).p;
       if (ad == Dt::F32) {
@@ -180,104 +293,52 @@ void run_fuser(const StackedWeights& w, int64_t f, Engine engine, const at::Tens
         v.store(s, p, ad, n1 - n0);
       }
     }
-  };
+  }
 
-  // 1. Gather the sharer and receiver rows of the valid tokens.
-  const CacheView<char> sv = byte_view(sharer), rv = byte_view(receiver);
-  const int64_t es = dt_size(cdt);
-  for_rows(M, [&](int64_t m) {
-    for (int32_t h = 0; h < sv.heads; ++h) {
-      const char* src = sv.row(tokens.sharer[m], h);
-      void* dst = offset(gs, m, int64_t{h} * sv.head_dim).p;
-      if (ad == cdt) std::memcpy(dst, src, sv.head_dim * es); else v.load(src, cdt, static_cast<float*>(dst), sv.head_dim);
-    }
-    for (int32_t h = 0; h < rv.heads; ++h) {
-      const char* src = rv.row(tokens.receiver[m], h);
-      void* dst = offset(gx, m, int64_t{h} * rv.head_dim).p;
-      if (ad == cdt) std::memcpy(dst, src, rv.head_dim * es); else v.load(src, cdt, static_cast<float*>(dst), rv.head_dim);
-    }
-  });
+  // FFN block `b` on u whose normed input is `n` (ffn_up, then ffn_down): the W2 product lands
+  // in u (F32) or O.
+  void ffn_block(const Mat& n, int64_t b) {
+    gemm(engine_, M, I, H, n, mat(kFfnW1, H, b), hid_ffn, false,
+         [&](int64_t n0, int64_t n1) { gelu_cols(hid_ffn, n0, n1); });
+    gemm(engine_, M, H, I, hid_ffn, mat(kFfnW2, I, b), f32 ? U : O, f32);
+  }
 
-  // 2. Input Linear; row pass: u = . + b_in, n = norm_0(u).
-  const Mat in_out = f32 ? U : O;
-  gemm(engine, M, H, Ks, gs, w_in_s, in_out, false);
-  gemm(engine, M, H, Kt, gx, w_in_r, in_out, true);
-  for_rows(M, [&](int64_t m) {
-    float* ur = u + m * H;
-    if (!f32) v.load(offset(O, m, 0).p, ad, ur, H);
-    const float r = rms_inv(v.add_sum_sq(ur, b_in_p, H), H);
-    norm_into(ur, r, norm_p(0), na, m, H);
-  });
-
-  // One FFN block on u whose normed input is `n`; the W2 product lands in u (F32) or O.
-  auto ffn = [&](Mat n, const Mat& wa, const Mat& wb, int64_t inner) {
-    gemm(engine, M, inner, H, n, wa, hid, false, gelu_cols);
-    gemm(engine, M, H, inner, hid, wb, f32 ? U : O, f32);
-  };
-  // u (+= O for Native16), returns sum of squares of the new u row.
-  auto residual = [&](int64_t m) {
+  // u (+= O for Native16); returns the sum of squares of the new u row.
+  float residual(int64_t m) const {
+    const VecOps& v = vec();
     float* ur = u + m * H;
     if (f32) return v.sum_sq(ur, H);
     return v.add_sum_sq(ur, row_f32(O, m, H, 1), H);
-  };
-
-  // 3. FFN_1; row pass: both branch norms.
-  ffn(na, w1(0), w2(0), I);
-  for_rows(M, [&](int64_t m) {
-    const float r = rms_inv(residual(m), H);
-    const float* ur = u + m * H;
-    norm_into(ur, r, head_norm_p, na, m, H);
-    if (B > 1) norm_into(ur, r, norm_p(1), nb, m, H);
-  });
-
-  // 4. Weight branch: w = u + FFN_w; a = w W_head^T + b_head; scale = G sigmoid(a).
-  gemm(engine, M, H, H, na, head_w1, hid, false, gelu_cols);
-  gemm(engine, M, H, H, hid, head_w2, O, false);
-  for_rows(M, [&](int64_t m) {
-    float* wr = scratch(2, H);
-    if (f32) std::memcpy(wr, offset(O, m, 0).p, H * sizeof(float)); else v.load(offset(O, m, 0).p, ad, wr, H);
-    v.add(wr, u + m * H, H);
-    for (int64_t h = 0; h < Ht; ++h) {
-      const float a = v.dot(wr, w_head_p + h * H, H) + b_head_p[h];
-      scale[m * Ht + h] = gate / (1.f + std::exp(-a));
-    }
-  });
-
-  // 5. Projection blocks; row pass: the next norm (or, for Native16, u as the 16-bit input of W_out).
-  for (int64_t b = 1; b < B; ++b) {
-    ffn(nb, w1(b), w2(b), I);
-    const bool last = b == B - 1;
-    if (f32 && last) break;  // u is already the fp32 input of W_out
-    for_rows(M, [&](int64_t m) {
-      const float* ur = u + m * H;
-      if (last) {
-        v.add(u + m * H, row_f32(O, m, H, 1), H);
-        v.store(ur, offset(nb, m, 0).p, ad, H);
-      } else {
-        norm_into(ur, rms_inv(residual(m), H), norm_p(b + 1), nb, m, H);
-      }
-    });
   }
 
-  // 6. Output Linear and the gated merge (or the fp32 corrections for project).
-  gemm(engine, M, Kt, H, f32 ? U : nb, w_out, Y, false);
-  for_rows(M, [&](int64_t m) {
-    float* yr = row_f32(Y, m, Kt, 0);
-    v.add(yr, b_out_p, Kt);
-    const float* sr = scale + m * Ht;
-    if (sink.receiver == nullptr) {
-      const int64_t t = tokens.index[m];
-      std::memcpy(sink.projection + t * Kt, yr, Kt * sizeof(float));
-      std::memcpy(sink.head_scale + t * Ht, sr, Ht * sizeof(float));
-      return;
-    }
-    float* xr = row_f32(gx, m, Kt, 1);
-    for (int32_t h = 0; h < rv.heads; ++h) {
-      float* xh = xr + int64_t{h} * Dh;
-      v.axpy(sr[h], yr + int64_t{h} * Dh, xh, Dh);
-      v.store(xh, rv.row(tokens.receiver[m], h), cdt, Dh);
-    }
-  });
+  const StackedWeights& w_;
+  const int64_t f_;
+  const Engine engine_;
+  const Tokens& tokens_;
+  const int64_t M, H, I, B, Ks, Kt, Ht, Dh;
+  const Dt cdt;     // the cache and weight dtype
+  const bool f32;   // Engine::F32
+  const Dt ad;      // dtype of GEMM inputs and outputs
+  const SmallParams sp;
+  const float gate;
+  Mat gs{}, gx{}, U{}, na{}, nb{}, hid_ffn{}, hid_head{}, O{}, Y{};
+  float* u = nullptr;      // the fp32 residual stream [M, H]
+  float* scale = nullptr;  // G * sigmoid(a) [M, Ht]
+};
+
+}  // namespace
+
+void run_fuser(const StackedWeights& w, int64_t f, Engine engine, const at::Tensor& receiver,
+               const at::Tensor& sharer, const Tokens& tokens, const Sink& sink, std::vector<at::Tensor>& ws) {
+  if (tokens.size() == 0) return;
+  FuserRun run(w, f, engine, tokens, ws);
+  const CacheView<char> sv = byte_view(sharer), rv = byte_view(receiver);
+  run.gather(sv, rv);
+  run.input_gemm();         // triton: input_gemm.py
+  run.ffn_1();              // ffn_up.py, ffn_down.py
+  run.weight_branch();      // ffn_up.py, ffn_down.py (head logits)
+  run.projection_blocks();  // ffn_up.py, ffn_down.py
+  run.output(rv, sink);     // output_gemm.py
 }
 
 }  // namespace c2c::cpu

@@ -40,6 +40,13 @@ void mm_block(int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c, bool accumul
   if (accumulate) {
     at::addmm_out(ct, ct, at_, wt);
   } else {
+    // C is uninitialised workspace. The fp32 BLAS (MKL/OpenBLAS sgemm) never reads C when
+    // beta = 0, as BLAS specifies. The 16-bit GEMM goes through oneDNN's AMX/AVX512 kernels,
+    // which have been caught reading memory outside the operands they were given (whole K
+    // tiles of A past a row's last column), where a NaN survives a multiply by 0. A and C
+    // are dense here (see gemm()), and C is zeroed first, so nothing a kernel may read of
+    // C holds a NaN; the cost is one pass over C, small next to the GEMM.
+    if (c.dt != Dt::F32) ct.zero_();
     at::mm_out(ct, at_, wt);
   }
 }
@@ -75,6 +82,10 @@ const char* engine_name(Engine engine) { return engine == Engine::F32 ? "fp32" :
 void gemm(Engine engine, int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c, bool accumulate,
           c10::function_ref<void(int64_t, int64_t)> epilogue) {
   if (m == 0 || n == 0) return;
+  // The 16-bit path gets dense A and C (see mm_block and the hid buffer in fuser.cpp): no
+  // padding bytes between rows that a library kernel could read as part of a tile.
+  TORCH_CHECK(engine == Engine::F32 || (a.ld == k && c.ld == n), "c2c cpu: the native16 GEMM needs dense operands (",
+              "A ld ", a.ld, " for K ", k, ", C ld ", c.ld, " for N ", n, ")");
   const int64_t threads = at::get_num_threads();
   // Column ranges of about equal size, one per thread.
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, (n + kAlign - 1) / kAlign));
@@ -116,6 +127,7 @@ void gemm(Engine engine, int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c, b
   parallel_tasks(blocks, [&](int64_t blk) {
     thread_local std::vector<float> buf;
     if (static_cast<int64_t>(buf.size()) < rows * k) buf.resize(rows * k);
+    poison(buf.data(), rows * k);
     const int64_t n0 = blk * rows, n1 = std::min(n, n0 + rows);
     for (int64_t j = n0; j < n1; ++j) v.load(offset(w, j, 0).p, w.dt, buf.data() + (j - n0) * k, k);
     mm_block(m, n1 - n0, k, a, Mat{buf.data(), Dt::F32, k}, offset(c, 0, n0), accumulate);

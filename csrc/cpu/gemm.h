@@ -39,7 +39,8 @@ inline Mat offset(Mat m, int64_t row, int64_t col) {
 }
 
 // C = A W^T (or C += A W^T when `accumulate`), all M x N x K. Engine::F32 wants A and C fp32
-// and W of any dtype; Engine::Native16 wants all three in one 16-bit dtype. Uses every
+// and W of any dtype; Engine::Native16 wants all three in one 16-bit dtype, A and C dense
+// (ld == k, ld == n), and C is zeroed before a non-accumulating GEMM (see gemm.cpp). Uses every
 // intra-op thread. When given, `epilogue(n0, n1)` is called once for each column range
 // [n0, n1) of C after that range is final; ranges cover [0, N) and may run concurrently.
 //

@@ -1,5 +1,5 @@
 // One c2c_native::fuse / project call, validated and unpacked once: the cache views, the
-// slots, the 14 stacked weights and the shapes every stage needs. The op layer
+// slots, the stacked weights (fuser_weights.h) and the shapes every stage needs. The op layer
 // (c2c_kernels/ops.py) checked the arguments already; this re-checks what memory safety needs.
 #pragma once
 
@@ -11,14 +11,9 @@
 #include "cuda/batched_linear.h"
 #include "cuda/runtime.h"
 #include "cuda/torch_params.h"
+#include "fuser_weights.h"
 
 namespace c2c::cuda {
-
-// The 14 stacked tensors of c2c_kernels.FuserWeights, in order.
-enum Weight {
-  kWInSharer, kWInReceiver, kBIn, kFfnNorm, kFfnW1, kFfnW2, kHeadNorm, kHeadW1, kHeadW2,
-  kWHead, kBHead, kWOut, kBOut, kGateLogit, kNumWeights
-};
 
 constexpr int kRowEpilogueMaxWidth = 8 * 1024;  // gather_norm.cu keeps 8 values per thread
 
@@ -48,11 +43,13 @@ inline Call unpack(const std::vector<at::Tensor>& receiver_caches, const std::ve
   const at::Device device = c.w[kWInSharer].device();
   const at::ScalarType dtype = c.w[kWInSharer].scalar_type();
   TORCH_CHECK(device.type() == kKernelDevice, "weights: expected ", kKernelDevice, " tensors, got ", device);
-  TORCH_CHECK(c.w[kGateLogit].scalar_type() == at::kFloat && c.w[kGateLogit].dim() == 1,
-              "weights.gate_logit: expected a 1-D float32 tensor");
+  for (int i = 0; i < kNumWeights; ++i) {
+    TORCH_CHECK(!kWeightFp32[i] || (c.w[i].scalar_type() == at::kFloat && c.w[i].dim() == kWeightRank[i]), "weights.",
+                kWeightNames[i], ": expected a ", kWeightRank[i], "-D float32 tensor");
+  }
   for (int i = 0; i < kNumWeights; ++i) {
     TORCH_CHECK(c.w[i].device() == device, "weights[", i, "]: on ", c.w[i].device(), ", expected ", device);
-    TORCH_CHECK(i == kGateLogit || c.w[i].scalar_type() == dtype, "weights[", i, "]: dtype ", c.w[i].scalar_type(),
+    TORCH_CHECK(kWeightFp32[i] || c.w[i].scalar_type() == dtype, "weights[", i, "]: dtype ", c.w[i].scalar_type(),
                 ", expected ", dtype);
   }
   const int64_t num_fusers = c.w[kWInSharer].size(0);

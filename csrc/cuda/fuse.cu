@@ -18,6 +18,7 @@
 #include "cuda/fuse_cuda.h"
 #include "cuda/runtime.h"
 #include "cuda/torch_params.h"
+#include "cuda/workspace.h"
 
 namespace c2c::cuda {
 namespace {
@@ -54,15 +55,15 @@ struct Workspace {
   Workspace(const Call& c, int64_t tokens, const at::TensorOptions& options) {
     const int64_t r = c.entries;
     const auto fp32 = options.dtype(at::kFloat);
-    sharer_rows = at::empty({r * tokens * c.sharer_heads * c.sharer_head_dim}, options);
-    receiver_rows = at::empty({r * tokens * c.heads * c.head_dim}, options);
-    gemm_out = at::empty({r * tokens * c.hidden}, options);
-    residual = at::empty({r * tokens * c.hidden}, fp32);
-    norm_a = at::empty({r * tokens * c.hidden}, options);
-    norm_b = at::empty({r * tokens * c.hidden}, options);
-    inner = at::empty({r * tokens * std::max(c.inner, c.hidden)}, options);
-    logits = at::empty({r * tokens * c.heads}, options);
-    head_scale = at::empty({r * tokens * c.heads}, fp32);
+    sharer_rows = workspace_empty({r * tokens * c.sharer_heads * c.sharer_head_dim}, options);
+    receiver_rows = workspace_empty({r * tokens * c.heads * c.head_dim}, options);
+    gemm_out = workspace_empty({r * tokens * c.hidden}, options);
+    residual = workspace_empty({r * tokens * c.hidden}, fp32);
+    norm_a = workspace_empty({r * tokens * c.hidden}, options);
+    norm_b = workspace_empty({r * tokens * c.hidden}, options);
+    inner = workspace_empty({r * tokens * std::max(c.inner, c.hidden)}, options);
+    logits = workspace_empty({r * tokens * c.heads}, options);
+    head_scale = workspace_empty({r * tokens * c.heads}, fp32);
   }
 };
 
@@ -97,53 +98,71 @@ class Pipeline {
  public:
   Pipeline(const Call& c, cudaStream_t stream) : c_(c), stream_(stream) {}
 
+  // One token chunk through the stages, named as the Triton stage files
+  // (c2c_kernels/backends/triton) and the CPU backend's FuserRun (csrc/cpu/fuser.cpp).
   void run_chunk(int64_t first, int64_t tokens, const Workspace& ws, const Sink& sink) {
     n_ = tokens;
+    const Chunk x = chunk(ws);
+    gather(c_.sharers, c_.sharer_slots, first, x.sharer_rows, c_.sharer_heads, c_.sharer_head_dim);
+    gather(c_.receivers, c_.receiver_slots, first, x.receiver_rows, c_.heads, c_.head_dim);
+    input_gemm(x);                          // triton: input_gemm.py
+    ffn_1(x, ws);                           // ffn_up.py, ffn_down.py
+    weight_branch(first, x, ws, sink);      // ffn_up.py, ffn_down.py (head logits)
+    projection_blocks(x, ws);               // ffn_up.py, ffn_down.py
+    output(first, x, ws.head_scale, sink);  // output_gemm.py
+  }
+
+ private:
+  // The workspace's buffers as dense [R, n, width] tensors for this chunk.
+  struct Chunk {
+    at::Tensor sharer_rows, receiver_rows, gemm_out, residual, norm_a, norm_b, logits;
+  };
+
+  Chunk chunk(const Workspace& ws) const {
     const int64_t ks = c_.sharer_heads * c_.sharer_head_dim, kt = c_.heads * c_.head_dim, h = c_.hidden;
-    const at::Tensor sharer_rows = dense(ws.sharer_rows, c_.entries, n_, ks);
-    const at::Tensor receiver_rows = dense(ws.receiver_rows, c_.entries, n_, kt);
-    const at::Tensor gemm_out = dense(ws.gemm_out, c_.entries, n_, h);
-    const at::Tensor residual = dense(ws.residual, c_.entries, n_, h);
-    const at::Tensor norm_a = dense(ws.norm_a, c_.entries, n_, h);
-    const at::Tensor norm_b = dense(ws.norm_b, c_.entries, n_, h);
-    const at::Tensor logits = dense(ws.logits, c_.entries, n_, c_.heads);
-    const at::Tensor& w_ffn_norm = c_.w[kFfnNorm];
+    return Chunk{dense(ws.sharer_rows, c_.entries, n_, ks), dense(ws.receiver_rows, c_.entries, n_, kt),
+                 dense(ws.gemm_out, c_.entries, n_, h),     dense(ws.residual, c_.entries, n_, h),
+                 dense(ws.norm_a, c_.entries, n_, h),       dense(ws.norm_b, c_.entries, n_, h),
+                 dense(ws.logits, c_.entries, n_, c_.heads)};
+  }
 
-    gather(c_.sharers, c_.sharer_slots, first, sharer_rows, c_.sharer_heads, c_.sharer_head_dim);
-    gather(c_.receivers, c_.receiver_slots, first, receiver_rows, c_.heads, c_.head_dim);
-
-    // u = S Wis^T + X Wir^T + b_in; residual = u; norm_a = RMSNorm_0(u)
-    batched_linear(gemm_out, sharer_rows, c_.w[kWInSharer], c_.runs, false);
-    batched_linear(gemm_out, receiver_rows, c_.w[kWInReceiver], c_.runs, true);
+  // u = S Wis^T + X Wir^T + b_in; residual = u; norm_a = RMSNorm_0(u)
+  void input_gemm(const Chunk& x) {
+    batched_linear(x.gemm_out, x.sharer_rows, c_.w[kWInSharer], c_.runs, false);
+    batched_linear(x.gemm_out, x.receiver_rows, c_.w[kWInReceiver], c_.runs, true);
     RowEpilogueParams<T> in{};
-    in.delta = ptr<T>(gemm_out);
+    in.delta = ptr<T>(x.gemm_out);
     in.bias = ptr<T>(c_.w[kBIn]);
     in.bias_fuser_stride = c_.w[kBIn].stride(0);
-    in.residual_out = mutable_ptr<float>(residual);
-    set_norm(in, 0, norm_a, w_ffn_norm, 0);
+    in.residual_out = mutable_ptr<float>(x.residual);
+    set_norm(in, 0, x.norm_a, c_.w[kFfnNorm], 0);
     row_epilogue(in);
+  }
 
-    // FFN_1, then u feeds both branches: norm_a = head_norm(u), norm_b = ffn_norm_1(u)
-    ffn(norm_a, c_.w[kFfnW1].select(1, 0), c_.w[kFfnW2].select(1, 0), ws, gemm_out);
+  // FFN_1, then u feeds both branches: norm_a = head_norm(u), norm_b = ffn_norm_1(u)
+  void ffn_1(const Chunk& x, const Workspace& ws) {
+    ffn(x.norm_a, c_.w[kFfnW1].select(1, 0), c_.w[kFfnW2].select(1, 0), ws, x.gemm_out);
     RowEpilogueParams<T> split{};
-    split.residual = ptr<float>(residual);
-    split.delta = ptr<T>(gemm_out);
-    split.residual_out = mutable_ptr<float>(residual);
-    set_norm(split, 0, norm_a, c_.w[kHeadNorm], -1);
-    set_norm(split, 1, norm_b, w_ffn_norm, 1);
+    split.residual = ptr<float>(x.residual);
+    split.delta = ptr<T>(x.gemm_out);
+    split.residual_out = mutable_ptr<float>(x.residual);
+    set_norm(split, 0, x.norm_a, c_.w[kHeadNorm], -1);
+    set_norm(split, 1, x.norm_b, c_.w[kFfnNorm], 1);
     row_epilogue(split);
+  }
 
-    // Weight branch: w = u + FFN_w(u) (the residual stays u for the projection branch),
-    // head_scale = G * sigmoid(W_head w + b_head)
-    ffn(norm_a, c_.w[kHeadW1], c_.w[kHeadW2], ws, gemm_out);
+  // Weight branch: w = u + FFN_w(u) (the residual stays u for the projection branch),
+  // head_scale = G * sigmoid(W_head w + b_head): into the workspace (fuse) or project's output.
+  void weight_branch(int64_t first, const Chunk& x, const Workspace& ws, const Sink& sink) {
+    ffn(x.norm_a, c_.w[kHeadW1], c_.w[kHeadW2], ws, x.gemm_out);
     RowEpilogueParams<T> head{};
-    head.residual = ptr<float>(residual);
-    head.delta = ptr<T>(gemm_out);
-    head.plain_out = mutable_ptr<T>(norm_a);
+    head.residual = ptr<float>(x.residual);
+    head.delta = ptr<T>(x.gemm_out);
+    head.plain_out = mutable_ptr<T>(x.norm_a);
     row_epilogue(head);
-    batched_linear(logits, norm_a, c_.w[kWHead], c_.runs, false);
+    batched_linear(x.logits, x.norm_a, c_.w[kWHead], c_.runs, false);
     BiasEpilogueParams<T> scale{};
-    scale.in = ptr<T>(logits);
+    scale.in = ptr<T>(x.logits);
     scale.bias = ptr<T>(c_.w[kBHead]);
     scale.bias_fuser_stride = c_.w[kBHead].stride(0);
     scale.gate = ptr<float>(c_.w[kGateLogit]);
@@ -154,42 +173,50 @@ class Pipeline {
     } else {
       scale.out = mutable_ptr<float>(sink.head_scale) + first * c_.heads;
       scale.out_entry_stride = c_.tokens * c_.heads;
+      skip_padding(scale, first);
     }
     scale.out_row_stride = c_.heads;
     bias_epilogue(scale, c_.heads);
+  }
 
-    // Projection branch: p = u, then blocks 1 .. B-1; the last writes p in the cache dtype.
+  // Projection branch: p = u, then blocks 1 .. B-1; the last writes p into norm_b in the cache
+  // dtype (the input of W_out).
+  void projection_blocks(const Chunk& x, const Workspace& ws) {
     for (int64_t b = 1; b < c_.blocks; ++b) {
-      ffn(norm_b, c_.w[kFfnW1].select(1, b), c_.w[kFfnW2].select(1, b), ws, gemm_out);
+      ffn(x.norm_b, c_.w[kFfnW1].select(1, b), c_.w[kFfnW2].select(1, b), ws, x.gemm_out);
       RowEpilogueParams<T> block{};
-      block.residual = ptr<float>(residual);
-      block.delta = ptr<T>(gemm_out);
+      block.residual = ptr<float>(x.residual);
+      block.delta = ptr<T>(x.gemm_out);
       if (b + 1 < c_.blocks) {
-        block.residual_out = mutable_ptr<float>(residual);
-        set_norm(block, 0, norm_b, w_ffn_norm, b + 1);
+        block.residual_out = mutable_ptr<float>(x.residual);
+        set_norm(block, 0, x.norm_b, c_.w[kFfnNorm], b + 1);
       } else {
-        block.plain_out = mutable_ptr<T>(norm_b);
+        block.plain_out = mutable_ptr<T>(x.norm_b);
       }
       row_epilogue(block);
     }
-    const at::Tensor projection = receiver_rows;  // the receiver rows are consumed: reuse the buffer
-    batched_linear(projection, norm_b, c_.w[kWOut], c_.runs, false);
-
-    if (sink.merge) {
-      merge_projection(first, projection, ws.head_scale);
-    } else {
-      BiasEpilogueParams<T> out{};
-      out.in = ptr<T>(projection);
-      out.bias = ptr<T>(c_.w[kBOut]);
-      out.bias_fuser_stride = c_.w[kBOut].stride(0);
-      out.out = mutable_ptr<float>(sink.projection) + first * kt;
-      out.out_entry_stride = c_.tokens * kt;
-      out.out_row_stride = kt;
-      bias_epilogue(out, kt);
-    }
   }
 
- private:
+  // y = W_out p; merged into the cache (fuse) or written with b_out as fp32 (project).
+  void output(int64_t first, const Chunk& x, const at::Tensor& head_scale, const Sink& sink) {
+    const int64_t kt = c_.heads * c_.head_dim;
+    const at::Tensor projection = x.receiver_rows;  // the receiver rows are consumed: reuse the buffer
+    batched_linear(projection, x.norm_b, c_.w[kWOut], c_.runs, false);
+    if (sink.merge) {
+      merge_projection(first, projection, head_scale);
+      return;
+    }
+    BiasEpilogueParams<T> out{};
+    out.in = ptr<T>(projection);
+    out.bias = ptr<T>(c_.w[kBOut]);
+    out.bias_fuser_stride = c_.w[kBOut].stride(0);
+    out.out = mutable_ptr<float>(sink.projection) + first * kt;
+    out.out_entry_stride = c_.tokens * kt;
+    out.out_row_stride = kt;
+    skip_padding(out, first);
+    bias_epilogue(out, kt);
+  }
+
   void gather(const std::vector<at::Tensor>& views, const at::Tensor& slots, int64_t first, const at::Tensor& out,
               int64_t heads, int64_t head_dim) {
     check_index_range(n_ * heads * head_dim, "a gather");
@@ -202,12 +229,19 @@ class Pipeline {
       p.out = mutable_ptr<T>(out) + begin * n_ * heads * head_dim;
       p.slots = slot_list(slots, first);
       p.receiver_slots = slot_list(c_.receiver_slots, first);
+      p.rows = pool_rows(views[begin]);
       p.tokens = static_cast<int32_t>(n_);
       p.heads = static_cast<int32_t>(heads);
       p.head_dim = static_cast<int32_t>(head_dim);
       launch_gather(p, static_cast<int>(count), stream_);
       C2C_KERNEL_LAUNCH_CHECK();
     });
+  }
+
+  // project's rows of padding (and of slots outside the pool) are zero, as the reference's.
+  void skip_padding(BiasEpilogueParams<T>& p, int64_t first) {
+    p.skip = slot_list(c_.receiver_slots, first);
+    p.skip_rows = pool_rows(c_.receivers[0]);
   }
 
   // norm_out[k] = RMSNorm(z) * scale, scale = weights[fuser] (block < 0) or weights[fuser, block].
@@ -271,6 +305,7 @@ class Pipeline {
         p.vectorized[i] = vectorizable<T>(c_.receivers[e]) && aligned16(src.projection) && aligned16(src.bias);
       }
       p.slots = slot_list(c_.receiver_slots, first);
+      p.rows = pool_rows(c_.receivers[begin]);
       p.tokens = static_cast<int32_t>(n_);
       p.sharers = 1;
       p.heads = static_cast<int32_t>(c_.heads);
@@ -321,7 +356,8 @@ std::tuple<at::Tensor, at::Tensor> project(const std::vector<at::Tensor>& receiv
   const Call c = unpack(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers);
   const auto fp32 = receiver_slots.options().dtype(at::kFloat);
   const int64_t kt = c.w[kWOut].size(1);
-  Sink sink{false, at::empty({c.entries, c.tokens, kt}, fp32), at::empty({c.entries, c.tokens, c.heads}, fp32)};
+  Sink sink{false, workspace_empty({c.entries, c.tokens, kt}, fp32),
+            workspace_empty({c.entries, c.tokens, c.heads}, fp32)};
   run(c, sink);
   return {sink.projection, sink.head_scale};
 }

@@ -4,6 +4,7 @@
 
 #include <torch/types.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -21,5 +22,12 @@ std::tuple<at::Tensor, at::Tensor> project(const std::vector<at::Tensor>& receiv
 
 void merge(const std::vector<at::Tensor>& receiver_caches, const at::Tensor& receiver_slots,
            const std::vector<at::Tensor>& projections, const std::vector<at::Tensor>& head_scales);
+
+// The (receiver, sharer) int64 slots of c2c_kernels.slots.prepare() for pools of receiver_rows /
+// sharer_rows rows, computed in one launch; out-of-range slots are recorded in `status` (the
+// int64 [8] buffer of c2c_kernels/status.py). No sharer slots: merge (only receivers checked).
+std::tuple<at::Tensor, at::Tensor> prepare_slots(const at::Tensor& receiver_slots,
+                                                 const std::optional<at::Tensor>& sharer_slots, int64_t receiver_rows,
+                                                 int64_t sharer_rows, bool dedupe, const at::Tensor& status);
 
 }  // namespace c2c::cuda

@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "cuda/common.cuh"
+#include "fuser_weights.h"  // kRmsEps
 
 namespace c2c::cuda {
 namespace {
@@ -15,7 +16,6 @@ namespace {
 constexpr int kGatherThreads = 256;
 constexpr int kElementwiseThreads = 256;
 constexpr int kRowItems = 8;  // row values a thread keeps in registers: rows up to 8 * 1024 wide
-constexpr float kRmsEps = 1e-6f;
 
 // ---- gather -----------------------------------------------------------------------------
 
@@ -31,12 +31,15 @@ __global__ void __launch_bounds__(kGatherThreads) gather_rows_kernel(const __gri
   const int64_t width = static_cast<int64_t>(p.heads) * p.head_dim;
   T* out = p.out + (static_cast<int64_t>(entry) * p.tokens + rc.token) * width +
            static_cast<int64_t>(rc.head) * p.head_dim + first;
-  // A padding token's rows are zero (and its sharer slot, possibly garbage, is never read).
-  const bool padding = load_slot(p.receiver_slots, rc.token) < 0;
+  // A padding token's rows are zero (and its sharer slot, possibly garbage, is never read); so
+  // are the rows of a slot outside the pool: it is never addressed.
+  int64_t slot = -1;
+  if (load_slot(p.receiver_slots, rc.token) >= 0) slot = load_slot(p.slots, rc.token);
+  const bool padding = slot < 0 || slot >= p.rows;
   if (p.vectorized[entry]) {
     uint4 word = make_uint4(0, 0, 0, 0);
     if (!padding) {
-      const T* row = slot_row(p.views[entry], load_slot(p.slots, rc.token), rc.head) + first;
+      const T* row = slot_row(p.views[entry], slot, rc.head) + first;
       C2C_CHECK_ALIGNED16(row);
       word = *reinterpret_cast<const uint4*>(row);
     }
@@ -49,7 +52,7 @@ __global__ void __launch_bounds__(kGatherThreads) gather_rows_kernel(const __gri
     for (int k = 0; k < count; ++k) out[k] = from_float<T>(0.f);
     return;
   }
-  const T* row = slot_row(p.views[entry], load_slot(p.slots, rc.token), rc.head) + first;
+  const T* row = slot_row(p.views[entry], slot, rc.head) + first;
   for (int k = 0; k < count; ++k) out[k] = row[k];
 }
 
@@ -137,6 +140,14 @@ __global__ void __launch_bounds__(kElementwiseThreads) bias_epilogue_kernel(cons
   const int32_t token = index / p.width;
   const int32_t column = index - token * p.width;
   const int64_t entry = static_cast<int64_t>(p.entry_begin) + blockIdx.y;
+  float* out = p.out + entry * p.out_entry_stride + token * p.out_row_stride + column;
+  if (p.skip.data != nullptr) {
+    const int64_t slot = load_slot(p.skip, token);
+    if (slot < 0 || slot >= p.skip_rows) {
+      *out = 0.f;
+      return;
+    }
+  }
   const int64_t fuser = p.fusers.fuser[blockIdx.y];
   float v = to_float(p.in[(entry * p.tokens + token) * p.width + column]);
   if (p.bias != nullptr) v += to_float(p.bias[fuser * p.bias_fuser_stride + column]);
@@ -145,7 +156,7 @@ __global__ void __launch_bounds__(kElementwiseThreads) bias_epilogue_kernel(cons
     const bool open = p.gate[fuser * p.gate_stride] > 0.f;
     v = open ? 1.f / (1.f + expf(-v)) : 0.f;
   }
-  p.out[entry * p.out_entry_stride + token * p.out_row_stride + column] = v;
+  *out = v;
 }
 
 }  // namespace

@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kMergeThreads) gated_merge_kernel(const __grid
   const int64_t slot = load_slot(p.slots, rc.token);
   const MergeSource<T, P>& first = p.sources[entry * p.sharers];
   const float first_scale = first.head_scale[rc.token * first.head_scale_row_stride + rc.head];
-  if (slot < 0) return;  // padding: its cache row is never read or written
+  if (slot < 0 || slot >= p.rows) return;  // padding or outside the pool: never read or written
   if (p.vectorized[entry]) {
     merge_chunk<true>(p, entry, rc, slot, first_scale);
   } else {

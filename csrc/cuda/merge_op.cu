@@ -39,6 +39,7 @@ void merge_typed(const std::vector<at::Tensor>& receivers, const at::Tensor& rec
       p.vectorized[i] = vectorized;
     }
     p.slots = slot_list(receiver_slots, 0);
+    p.rows = pool_rows(receivers[begin]);
     p.tokens = static_cast<int32_t>(tokens);
     p.sharers = static_cast<int32_t>(sharers);
     p.heads = static_cast<int32_t>(heads);

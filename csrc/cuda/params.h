@@ -14,7 +14,9 @@
 
 namespace c2c::cuda {
 
-// A 1-D slot tensor, int32 or int64, with any stride. Padding is a negative value.
+// A 1-D slot tensor, int32 or int64, with any stride. Padding is a negative value. The kernels
+// also skip a slot >= the pool's rows: they never address memory outside a view, even when
+// called without c2c_native::prepare_slots (which records such slots as errors).
 struct SlotList {
   const void* data;
   int64_t stride;
@@ -32,6 +34,7 @@ struct GatherParams {
   T* out;                              // rows of entry e start at out + e * tokens * heads * head_dim
   SlotList slots;                      // where each token's row lives in these views
   SlotList receiver_slots;             // padding marker: a negative receiver slot gives a zero row
+  int64_t rows;                        // pool rows of every view (one geometry); slots past it give zero rows
   int32_t tokens;
   int32_t heads;
   int32_t head_dim;
@@ -78,6 +81,8 @@ struct BiasEpilogueParams {
   float* out;
   int64_t out_entry_stride;
   int64_t out_row_stride;
+  SlotList skip;       // when skip.data is set: a token whose slot is < 0 or >= skip_rows gets 0
+  int64_t skip_rows;   // (project's rows of padding and skipped tokens are zero)
   int32_t entry_begin;
   int32_t tokens;
   int32_t width;
@@ -106,6 +111,7 @@ struct MergeParams {
   bool vectorized[kMergeMaxEntries];  // 16-byte accesses legal for the view and its sources
   MergeSource<T, P> sources[kMergeMaxSources];  // entry e's sharer j at e * sharers + j
   SlotList slots;
+  int64_t rows;  // pool rows of every view (one geometry); a slot past it is skipped
   int32_t tokens;
   int32_t sharers;
   int32_t heads;

@@ -45,8 +45,13 @@ inline SlotList slot_list(const at::Tensor& slots, int64_t first) {
 template <typename T>
 CacheView<T> cache_view(const at::Tensor& view) {
   return CacheView<T>{static_cast<T*>(view.data_ptr()), view.stride(0), view.stride(1), view.stride(2),
-                      view.size(1), static_cast<int32_t>(view.size(2)), static_cast<int32_t>(view.size(3))};
+                      addressing_page_size(view.size(1)), static_cast<int32_t>(view.size(2)),
+                      static_cast<int32_t>(view.size(3))};
 }
+
+// Rows of a [page, entry, head, dim] pool: the valid slots are [0, rows). The kernels skip
+// every other slot, so an empty pool (0 pages or page size 0) is never addressed.
+inline int64_t pool_rows(const at::Tensor& view) { return view.size(0) * view.size(1); }
 
 // 16-byte accesses to head rows of this view are aligned: whole vectors per head and every
 // stride that can move the address (its dimension is longer than 1) a multiple of a vector.

@@ -2,14 +2,15 @@
 a cache view, the entry table layout, exact GELU, and the dtype choices made on the host."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ...reference import RMS_EPS as _RMS_EPS
+from . import interpreting
+
 # Set by the test suite on machines without a GPU; read once, before any kernel is defined.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = interpreting()
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -21,7 +22,7 @@ ENTRY_RECEIVER = tl.constexpr(1)
 ENTRY_SHARER = tl.constexpr(5)
 ENTRY_WIDTH = tl.constexpr(9)
 
-RMS_EPS = tl.constexpr(1e-6)
+RMS_EPS = tl.constexpr(_RMS_EPS)
 
 
 def dot_dtype(dtype: torch.dtype):

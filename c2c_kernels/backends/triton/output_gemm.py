@@ -9,7 +9,9 @@ row is read before it is written by the same program, and no other program touch
 entries see the receiver rows as they were when the call began (stage 1 read them anyway).
 
 Without WRITE_CACHE (``c2c::project``) the tile of ``y`` goes to the fp32 projection output,
-and the first column tile of each token block also stores ``head_scale = G * sigmoid(a)``.
+and the first column tile of each token block also stores ``head_scale = G * sigmoid(a)``;
+both are zero rows for a skipped token (negative prepared receiver slot: padding, or an
+out-of-range slot), as the reference's.
 """
 from __future__ import annotations
 
@@ -77,15 +79,17 @@ def output_gemm_kernel(
         x = tl.load(x_ptrs, mask=write, other=0.0).to(tl.float32)
         tl.store(x_ptrs, (x + tl.sigmoid(logit) * acc).to(CACHE_DTYPE), mask=write)
     else:
+        # Skipped tokens' rows hold the bias and whatever the stages made of it: store zeros there.
+        used = tl.load(receiver_slots_ptr + tok, mask=tok_mask, other=-1) >= 0
         out = projection_ptr + (entry * tokens + tok).to(tl.int64)[:, None] * width + cols[None, :]
-        tl.store(out, acc, mask=tok_mask[:, None] & col_mask[None, :])
+        tl.store(out, tl.where(used[:, None], acc, 0.0), mask=tok_mask[:, None] & col_mask[None, :])
         if tile_n == 0:
             head = tl.broadcast_to(tl.arange(0, HEADS_PAD)[None, :], (BM, HEADS_PAD))
             mask = tok_mask[:, None] & (head < heads)
             logit = _head_logits(logits_ptr, head_bias + head * stride_hb_h, entry,
                                  tl.broadcast_to(tok[:, None], (BM, HEADS_PAD)), head, mask, tokens, heads,
                                  logit_chunks)
-            scale = tl.where(gate_open[:, None], tl.sigmoid(logit), 0.0)
+            scale = tl.where((gate_open & used)[:, None], tl.sigmoid(logit), 0.0)
             scale_rows = head_scale_ptr + (entry * tokens + tok).to(tl.int64)[:, None] * heads
             tl.store(scale_rows + head, scale, mask=mask)
 

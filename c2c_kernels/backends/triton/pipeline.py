@@ -3,6 +3,7 @@
 Launches per call (``B = num_blocks`` FFN blocks on the projection path, 2 for the published
 3-layer fusers), each covering every entry of the call at once:
 
+    0          prepare slots     user slots -> int64 slots, in range, deduped  slot_prep.py
     1          input GEMM        caches --(slots)--> u                          input_gemm.py
     2, 3       FFN_1             u -> h -> z                                    ffn_up/ffn_down
     4, 5       weight branch     z -> h -> per-tile head logits (w never stored) ffn_up/ffn_down
@@ -10,16 +11,23 @@ Launches per call (``B = num_blocks`` FFN blocks on the projection path, 2 for t
     2B+4       output GEMM       p -> x + G sigmoid(a) y into the caches        output_gemm.py
                                  (or -> projection, head_scale for c2c::project)
 
+Launch 0 turns the user's slots (int32/int64, any stride) into contiguous int64 slots that lie
+inside the pools (duplicates dropped for fuse and merge, not for project; c2c_kernels.slots),
+recording an out-of-range slot in the status buffer; the later stages read only those.
+
 Activations between stages are stored in the weight dtype (the next GEMM consumes them in that
 dtype anyway); every accumulation, norm, GELU, residual and the merge run in fp32. Buffers come
-from torch's caching allocator, so a captured CUDA graph keeps them in its private pool.
+from torch's caching allocator through c2c_kernels.workspace (NaN-poisoned in the debug mode,
+so a read of an unwritten element shows), and a captured CUDA graph keeps them in its private
+pool.
 """
 from __future__ import annotations
 
 import torch
 import triton
 
-from . import cache_merge, configs, ffn_down, ffn_up, input_gemm, output_gemm, tables
+from ... import slots, workspace
+from . import cache_merge, configs, ffn_down, ffn_up, input_gemm, output_gemm, slot_prep, tables
 from ._common import TL_DTYPES, dot_dtype
 
 
@@ -32,14 +40,18 @@ def run(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, f
     cache_dtype, mma_dtype = TL_DTYPES[dtype], dot_dtype(dtype)
     entry = tables.entry_table(receiver_caches, sharer_caches, fusers)
     table = entry.rows
+    # Kernel arguments, not table rows: the tables are cached by address, the slots change per call.
+    receiver_slots, sharer_slots = slot_prep.prepare(
+        receiver_slots, sharer_slots, slots.rows(receiver_caches[0]), slots.rows(sharer_caches[0]),
+        dedupe=projection is None)
 
-    u = torch.empty(entries, tokens, hidden, dtype=dtype, device=device)
-    z = torch.empty_like(u)
-    inner = torch.empty(entries * tokens * max(inter, hidden), dtype=dtype, device=device)
+    u = workspace.empty(entries, tokens, hidden, dtype=dtype, device=device)
+    z = workspace.empty(entries, tokens, hidden, dtype=dtype, device=device)
+    inner = workspace.empty(entries * tokens * max(inter, hidden), dtype=dtype, device=device)
     h_ffn = inner[:entries * tokens * inter].view(entries, tokens, inter)
     h_head = inner[:entries * tokens * hidden].view(entries, tokens, hidden)
-    logits = torch.empty(entries, triton.cdiv(hidden, configs.LOGIT_BN), tokens, heads,
-                         dtype=torch.float32, device=device)
+    logits = workspace.empty(entries, triton.cdiv(hidden, configs.LOGIT_BN), tokens, heads,
+                             dtype=torch.float32, device=device)
 
     input_gemm.launch(table, receiver_slots, sharer_slots, receiver_caches[0], sharer_caches[0], weights, u,
                       cache_dtype=cache_dtype, dot_dtype=mma_dtype, receiver_vec=entry.receiver_vec,
@@ -65,8 +77,10 @@ def run(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, f
 
 
 def merge(receiver_caches, receiver_slots, projections, head_scales) -> None:
-    """``c2c::merge`` in one launch (cache_merge.py)."""
+    """``c2c::merge``: the slot preparation (receiver slots only: merge reads no sharer), then
+    one launch of cache_merge.py."""
     receiver_table, contribution_table, vec = tables.merge_tables(receiver_caches, projections, head_scales)
+    receiver_slots, _ = slot_prep.prepare(receiver_slots, None, slots.rows(receiver_caches[0]), 0, dedupe=True)
     cache_merge.launch(receiver_table, contribution_table, receiver_slots, receiver_caches[0],
                        len(projections) // len(receiver_caches),
                        cache_dtype=TL_DTYPES[receiver_caches[0].dtype], vec=vec,

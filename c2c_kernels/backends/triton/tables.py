@@ -11,6 +11,10 @@ cached device tensor and does no host-to-device copy. The first call with a new 
 few hundred bytes from pinned memory with ``non_blocking``. A table holds only addresses, so a
 stale entry (freed and reused memory) is still exactly right for whatever now lives there.
 
+The tables hold no slots: those change from call to call (and from replay to replay of a CUDA
+graph), so the prepared slots (slot_prep.py) reach the kernels as arguments, never through a
+cached table.
+
 CUDA graphs: a captured launch keeps reading the table's device memory at every replay, so a
 table used during a capture is never evicted. Building one during a capture is refused with a
 clear error (like the autotuner, the tables need one eager warm-up call before capturing).

@@ -7,8 +7,10 @@ import triton.language as tl
 
 from ._launch import check_launchable, elementwise_block
 
-SQRT_HALF = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
+# constexpr: a @triton.jit body may only read module globals that are compile-time constants
+# (the interpreter reads any global, so only a GPU compile catches a plain float here).
+SQRT_HALF = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit

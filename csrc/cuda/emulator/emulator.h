@@ -3,9 +3,12 @@
 // c2c_kernels/backends/cuda_emulator.py); the real build never includes this file.
 //
 // A launch runs its blocks one after another; inside a block every CUDA thread is a fiber
-// (its own stack, switched with ucontext on one OS thread). __syncthreads parks the calling
+// (its own stack, switched on one OS thread by fiber_context.h: a few lines of assembly on
+// x86-64 Linux, ucontext elsewhere). __syncthreads parks the calling
 // fiber until every live thread of the block has arrived, which is what the warp-shuffle
 // reductions need as well. Exited threads do not hold a barrier up, as on the hardware.
+//
+// The CUDA subset it supports, and its contract, are in csrc/cuda/emulator/README.md.
 //
 // What it checks that a GPU would otherwise report as a fault: launch configurations (block
 // size, grid limits), 16-byte alignment of vector accesses, shuffles with lanes that exited.
@@ -64,6 +67,30 @@ extern thread_local dim3 gridDim;
 
 void __syncthreads();
 float __shfl_xor_sync(unsigned mask, float value, int lane_mask);
+
+// Atomics: real read-modify-write instructions on the given address (global or __shared__
+// memory alike), so they stay atomic even if two launches ran on different OS threads. They
+// return the old value, as CUDA's do. Only the overloads csrc/cuda uses exist.
+template <typename T>
+inline T emulator_atomic_cas(T* address, T compare, T value) {
+  __atomic_compare_exchange_n(address, &compare, value, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+  return compare;  // on failure the builtin stored the value it found there
+}
+inline int atomicCAS(int* address, int compare, int value) { return emulator_atomic_cas(address, compare, value); }
+inline unsigned atomicCAS(unsigned* address, unsigned compare, unsigned value) {
+  return emulator_atomic_cas(address, compare, value);
+}
+inline unsigned long long atomicCAS(unsigned long long* address, unsigned long long compare,
+                                    unsigned long long value) {
+  return emulator_atomic_cas(address, compare, value);
+}
+inline int atomicMin(int* address, int value) {
+  int old = __atomic_load_n(address, __ATOMIC_SEQ_CST);
+  while (value < old &&
+         !__atomic_compare_exchange_n(address, &old, value, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+  }
+  return old;
+}
 
 using std::min;
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }

@@ -1,5 +1,5 @@
 // Kernels that test the CPU emulator itself (tests/test_cuda_emulator.py): a block-wide
-// reduction through shared memory, barriers and shuffles, and one kernel per fault the
+// reduction through shared memory, barriers and shuffles, atomics, and one kernel per fault the
 // emulator must report instead of running on silently.
 #include <c10/util/Exception.h>
 
@@ -24,6 +24,17 @@ __global__ void block_sum_kernel(const float* in, float* out) {
   if (threadIdx.x == 0) out[blockIdx.x] = value;
 }
 
+// Every thread tries to set *flag from 0 to 1 (one may win), counts its win with a
+// compare-and-swap loop, and lowers *lowest to a value only the grid's last thread holds.
+__global__ void atomics_kernel(unsigned long long* flag, int* wins, int* lowest) {
+  const int index = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (atomicCAS(flag, 0ull, 1ull) == 0ull) {
+    int seen = *wins, before;
+    while ((before = atomicCAS(wins, seen, seen + 1)) != seen) seen = before;
+  }
+  atomicMin(lowest, static_cast<int>(gridDim.x * blockDim.x) - 1 - index);
+}
+
 __global__ void misaligned_kernel(const float* data) {
   float v[4];
   load_vector<4>(data + 1, v);  // 4 bytes past a 16-byte boundary
@@ -46,7 +57,8 @@ __global__ void idle_kernel() {}
 
 }  // namespace
 
-// Runs one self-test; returns the block sums for "block_sum", raises the emulator's error else.
+// Runs one self-test; returns the block sums for "block_sum", [flag, wins, lowest] for "atomics",
+// raises the emulator's error else.
 std::vector<float> selftest(const std::string& name, int64_t blocks, int64_t threads) {
   const dim3 grid(static_cast<unsigned>(blocks)), block(static_cast<unsigned>(threads));
   std::vector<float> out(blocks > 0 ? blocks : 0, 0.f);
@@ -54,6 +66,11 @@ std::vector<float> selftest(const std::string& name, int64_t blocks, int64_t thr
     std::vector<float> in(blocks * threads);
     for (size_t i = 0; i < in.size(); ++i) in[i] = static_cast<float>(i % 7) - 2.f;
     C2C_LAUNCH(grid, block, nullptr, block_sum_kernel)(in.data(), out.data());
+  } else if (name == "atomics") {
+    unsigned long long flag = 0;
+    int wins = 0, lowest = 1 << 30;
+    C2C_LAUNCH(grid, block, nullptr, atomics_kernel)(&flag, &wins, &lowest);
+    out = {static_cast<float>(flag), static_cast<float>(wins), static_cast<float>(lowest)};
   } else if (name == "misaligned") {
     alignas(16) float data[8] = {};
     C2C_LAUNCH(grid, block, nullptr, misaligned_kernel)(static_cast<const float*>(data));

@@ -1,0 +1,2 @@
+// csrc/cuda/prepare_slots.cu compiled for the CPU emulator.
+#include "cuda/prepare_slots.cu"

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# CI for the lowest torch the package supports (setup.py): a CPU-only build of the extension
+# against torch 2.11 with triton 3.6 (the GPU machine's versions), then a short test subset:
+# the op layer, the reference/cpu/Triton-interpreter matrix, torch.compile, the training kernels.
+# Built in a copy of the tree so the main build (c2c_kernels/_C*.so) is left alone.
+#   C2C_LOWEST_TORCH   torch requirement (default torch==2.11.*)
+#   C2C_LOWEST_DIR     work folder (default build/lowest-torch: venv/ and src/)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+work=${C2C_LOWEST_DIR:-$root/build/lowest-torch}
+venv=$work/venv
+src=$work/src
+start=$(date +%s)
+stamp() { echo "[lowest-torch] $1: $(( $(date +%s) - start )) s"; }
+
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+py=$venv/bin/python
+"$py" -m pip install -q --upgrade pip setuptools wheel
+# numpy<2.4: triton 3.6's interpreter calls int() on one-element arrays (c2c_kernels/compat.py).
+"$py" -m pip install -q "${C2C_LOWEST_TORCH:-torch==2.11.*}" "triton==3.6.*" "numpy<2.4" ninja \
+  pytest expecttest
+"$py" -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
+stamp "install"
+
+# The working tree's files (tracked, and new ones git does not ignore), nothing built.
+rm -rf "$src" && mkdir -p "$src"
+git ls-files --cached --others --exclude-standard | while read -r f; do [ -f "$f" ] && echo "$f"; done \
+  | tar -cf - -T - | tar -xf - -C "$src"
+(cd "$src" && C2C_NO_CUDA=1 MAX_JOBS=${MAX_JOBS:-2} "$py" setup.py -q build_ext --inplace > build.log 2>&1) \
+  || { tail -40 "$src/build.log"; exit 1; }
+stamp "build (CPU only)"
+
+cd "$src"
+# The op layer, the backends that run on a CPU (cuda_emulator is left to the main job: it builds
+# the CUDA sources for the emulator, minutes), torch.compile, and the training kernels.
+C2C_CUDA_EMULATOR=0 "$py" -m pytest -q -rs -p no:cacheprovider \
+  tests/test_gpu_versions.py tests/test_api.py tests/test_errors.py tests/test_layouts.py \
+  "tests/test_ops.py" "tests/test_triton.py" \
+  -k "not cuda_emulator" \
+  tests/test_training.py::test_fp32_gradients_match_reference
+stamp "tests"
