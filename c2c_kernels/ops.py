@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import aliasing, backends, slots, status
+from . import aliasing, backends, compat, slots, status
 from . import weights as schema
 from .weights import FuserWeights
 
@@ -266,6 +266,7 @@ def _backend_merge(module, device):
 
 def _fuse_fake(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
                backend="auto", check_slots=False) -> None:
+    compat.refuse_inductor_on_broken_torch(torch.ops.c2c.fuse.default)
     check_fuse_args(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers)
 
 
@@ -294,6 +295,7 @@ def _merge(receiver_caches, receiver_slots, projections, head_scales, backend="a
 
 
 def _merge_fake(receiver_caches, receiver_slots, projections, head_scales, backend="auto", check_slots=False):
+    compat.refuse_inductor_on_broken_torch(torch.ops.c2c.merge.default)
     check_merge_args(receiver_caches, receiver_slots, projections, head_scales)
 
 

@@ -91,7 +91,8 @@ FIELD_NAMES = tuple(f.name for f in FIELDS)
 FIELD_SHAPES = {f.name: f.shape for f in FIELDS}
 # The fields the dimensions are read from, in the order the op layer checks their ranks.
 DIM_FIELDS = tuple(dict.fromkeys(d.field for d in DIMS.values()))
-# The published module order (a research state dict's order): state dicts list keys so.
+# The published class's module order, which its state dicts follow (test checkpoints are drawn
+# in this order, so their random values do not depend on the field order above).
 _MODULE_ORDER = ("_in.", "_mlp1.", "_scalar_mlp2.", "_proj_mlp2.", "_scalar_head.", "_proj_out.", "_gate_logit")
 
 
@@ -126,6 +127,8 @@ def published_layout(dims, side: str) -> list[Published]:
         for b, module in enumerate(blocks):
             key = f.key.format(side=side, block=module)
             if key in out:  # a split tensor: widen its last dimension
+                if not (f.split and out[key][3].split):
+                    raise ValueError(f"weight schema: {f.name} reuses the published key {key!r} without split=True")
                 out[key][1][-1] += per[-1]
                 out[key][2].append((i, None))
             else:
@@ -133,7 +136,8 @@ def published_layout(dims, side: str) -> list[Published]:
 
     def rank(entry):
         key = entry[0]
-        module = next(m for m, part in enumerate(_MODULE_ORDER) if part in key)
+        # A module the published class did not have (a new variant's) goes last.
+        module = next((m for m, part in enumerate(_MODULE_ORDER) if part in key), len(_MODULE_ORDER))
         block = entry[2][0][1]
         return module, block or 0
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CI for the lowest torch the package supports (setup.py): a CPU-only build of the extension
 # against torch 2.11 with triton 3.6 (the GPU machine's versions), then a short test subset:
-# the op layer, the reference/cpu/Triton-interpreter matrix, torch.compile, the training kernels.
+# the op layer, the reference/cpu/Triton-interpreter matrix, torch.compile, the training kernels,
+# and every Triton kernel compiled for sm_90a by triton 3.6 (tests/test_compile_sm90.py).
 # Built in a copy of the tree so the main build (c2c_kernels/_C*.so) is left alone.
 #   C2C_LOWEST_TORCH   torch requirement (default torch==2.11.*)
 #   C2C_LOWEST_DIR     work folder (default build/lowest-torch: venv/ and src/)
@@ -35,7 +36,7 @@ cd "$src"
 # The op layer, the backends that run on a CPU (cuda_emulator is left to the main job: it builds
 # the CUDA sources for the emulator, minutes), torch.compile, and the training kernels.
 C2C_CUDA_EMULATOR=0 "$py" -m pytest -q -rs -p no:cacheprovider \
-  tests/test_gpu_versions.py tests/test_api.py tests/test_errors.py tests/test_layouts.py \
+  tests/test_gpu_versions.py tests/test_compile_sm90.py tests/test_api.py tests/test_errors.py tests/test_layouts.py \
   "tests/test_ops.py" "tests/test_triton.py" \
   -k "not cuda_emulator" \
   tests/test_training.py::test_fp32_gradients_match_reference

@@ -10,7 +10,7 @@ venv=${C2C_VENV:-.venv}
 py="$venv/bin/python"
 "$py" -m pip install -q --upgrade pip setuptools wheel
 "$py" -m pip install -q "${C2C_TORCH:-torch==2.14.1}" numpy ninja pybind11 pytest pytest-benchmark \
-  expecttest tqdm matplotlib transformers==5.24.0 tokenizers==0.23.3
+  hypothesis expecttest tqdm matplotlib transformers==5.24.0 tokenizers==0.23.3
 # torch derives the toolkit root from the nvcc on PATH, which may be a wrapper script.
 if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then
   export CUDA_HOME=/usr/local/cuda

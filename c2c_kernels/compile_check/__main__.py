@@ -10,10 +10,12 @@ import sys
 import time
 import traceback
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    sys.exit("compile_check: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+import torch
 
-import torch  # noqa: E402
+from ..backends.triton import interpreting
+
+if interpreting():
+    sys.exit("compile_check: unset TRITON_INTERPRET (the interpreter compiles nothing)")
 
 from .driver import stand_in_h200, stand_in_tensor  # noqa: E402
 

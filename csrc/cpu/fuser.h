@@ -12,7 +12,8 @@
 
 namespace c2c::cpu {
 
-// The 14 stacked weight tensors of c2c_kernels.FuserWeights, checked once per call.
+// The stacked weight tensors of c2c_kernels.FuserWeights (in the order of fuser_weights.h),
+// checked once per call.
 struct StackedWeights {
   std::vector<at::Tensor> t;
   int64_t fusers, hidden, intermediate, blocks, sharer_width, receiver_width, receiver_heads;

@@ -41,6 +41,9 @@ AUTO = {"cuda": 0}  # auto's first choice on a GPU (never on the CPU: the interp
 
 
 def unavailable():
+    if _error is None and interpreting():
+        from ...compat import triton_interpreter_problem
+        return triton_interpreter_problem()
     return _error
 
 

@@ -2,18 +2,13 @@
 the Triton interpreter (where every program costs Python time, so blocks are large and few)."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
-RMS_EPS = 1e-6
+from ...backends.triton import interpreting  # noqa: F401  (the one reader of TRITON_INTERPRET)
+from ...reference import RMS_EPS  # noqa: F401
 
 GRADIENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def check_launchable(*tensors: torch.Tensor) -> None:
