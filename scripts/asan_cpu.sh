@@ -5,20 +5,11 @@
 # The instrumented extension is built into build/asan_cpu (torch.utils.cpp_extension, a few
 # minutes the first time) and stands in for c2c_kernels._C in the test process; the in-place
 # extension is left alone. Needs gcc's libasan; skipped without it.
-# Usage: bash scripts/asan_cpu.sh [extra pytest arguments, default: tests/test_cpu_safety.py]
+# Usage: bash scripts/asan_cpu.sh [pytest arguments; default: tests/test_cpu_safety.py and the
+# cpu and reference cases of tests/test_safety.py]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-py=${PYTHON:-.venv/bin/python}
-asan=$(gcc -print-file-name=libasan.so)
-stdcxx=$(gcc -print-file-name=libstdc++.so)
-if [[ ! -e "$asan" || ! -e "$stdcxx" ]]; then
-  echo "asan_cpu: gcc has no libasan.so here; skipped"
-  exit 0
-fi
-if ! ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$asan $stdcxx" "$py" -c "import torch" > /dev/null 2>&1; then
-  echo "asan_cpu: python with torch does not start under AddressSanitizer here; skipped"
-  exit 0
-fi
+source scripts/asan_env.sh asan_cpu
 reports=build/asan_cpu_reports
 rm -rf "$reports" && mkdir -p "$reports" build/asan_cpu
 status=0

@@ -7,18 +7,7 @@
 # Usage: bash scripts/asan_cuda_emulator.sh [extra pytest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-py=${PYTHON:-.venv/bin/python}
-asan=$(gcc -print-file-name=libasan.so)
-stdcxx=$(gcc -print-file-name=libstdc++.so)
-if [[ ! -e "$asan" || ! -e "$stdcxx" ]]; then
-  echo "asan_cuda_emulator: gcc has no libasan.so here; skipped"
-  exit 0
-fi
-# Some kernels' address-space settings keep ASan from starting at all: that is no memory error.
-if ! ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$asan $stdcxx" "$py" -c "import torch" > /dev/null 2>&1; then
-  echo "asan_cuda_emulator: python with torch does not start under AddressSanitizer here; skipped"
-  exit 0
-fi
+source scripts/asan_env.sh asan_cuda_emulator
 reports=build/asan_reports
 rm -rf "$reports" && mkdir -p "$reports"
 # libstdc++ is preloaded too: python does not link it, and ASan's exception interceptor needs it.
