@@ -11,12 +11,14 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 import distributed_workers as workers  # noqa: E402
 
+from c2c_kernels import backends  # noqa: E402
 from c2c_kernels import distributed as c2c_dist  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
-CPU_BACKENDS = ["reference", "cpu"]
+# Every backend that runs on CPU tensors here (the distributed path merges through the op layer).
+CPU_BACKENDS = [e.backend for e in backends.test_matrix(("cpu",)) if e.skip is None]
 
 
 def test_fuse_all_two_ranks_replicated_sharer_head():
