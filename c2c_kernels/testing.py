@@ -243,3 +243,18 @@ def assert_storage_close(got: Case, want: Case, tol) -> None:
         tol = TOLERANCES[tol]
     for g, w in zip(got.receiver.storage, want.receiver.storage):
         torch.testing.assert_close(g.float(), w.float(), atol=tol, rtol=tol)
+
+
+def at_thread_counts(case: "Case", run, counts=(1, 2, 3)) -> list[list[torch.Tensor]]:
+    """The receiver storage after ``run(copy of case)`` at each intra-op thread count (the
+    thread count is restored afterwards)."""
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            c = case.clone_receiver()
+            run(c)
+            results.append([t.clone() for t in c.receiver.storage])
+    finally:
+        torch.set_num_threads(threads)
+    return results

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from c2c_kernels import backends, reference
-from c2c_kernels.testing import TOLERANCES, assert_storage_close, make_case, reference_fused
+from c2c_kernels.testing import TOLERANCES, assert_storage_close, at_thread_counts, make_case, reference_fused
 
 pytestmark = pytest.mark.skipif(backends.reason("cpu") is not None,
                                 reason=f"cpu backend unavailable: {backends.reason('cpu')}")
@@ -55,16 +55,7 @@ def test_thread_counts_agree(dtype):
     """1, 2 and 3 intra-op threads give the same rows (up to GEMM summation order)."""
     case = make_case(layout="flashinfer_interleaved", dtype=dtype, seed=8, seq_lens=(23, 17), padding=4,
                      **{**REAL, "hidden": 256, "intermediate": 192})
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            c = case.clone_receiver()
-            run_cpu(c)
-            results.append(c.receiver.storage)
-    finally:
-        torch.set_num_threads(threads)
+    results = at_thread_counts(case, run_cpu)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for other in results[1:]:
         for got, want in zip(other, results[0]):

@@ -12,7 +12,7 @@ import torch
 from c2c_kernels import backends, reference
 from c2c_kernels import slots as slot_rules
 from c2c_kernels.status import slot_error
-from c2c_kernels.testing import TOLERANCES, assert_storage_close, make_case, reference_fused
+from c2c_kernels.testing import TOLERANCES, assert_storage_close, at_thread_counts, make_case, reference_fused
 
 pytestmark = pytest.mark.skipif(backends.reason("cpu") is not None,
                                 reason=f"cpu backend unavailable: {backends.reason('cpu')}")
@@ -191,16 +191,7 @@ def test_duplicates_are_deterministic_across_thread_counts():
     valid = rs >= 0
     rs[valid] = rs[valid][torch.arange(int(valid.sum())) % 3]
     case.receiver_slots = rs
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            c = case.clone_receiver()
-            call("fuse", c)
-            results.append([t.clone() for t in c.receiver.storage])
-    finally:
-        torch.set_num_threads(threads)
+    results = at_thread_counts(case, lambda c: call("fuse", c))
     for other in results[1:]:
         assert all(torch.equal(x, y) for x, y in zip(other, results[0]))
     check_duplicates("fuse", case, dedupe_last(rs))
