@@ -57,6 +57,8 @@ def test_a_plain_global_in_a_kernel_fails_to_compile(tmp_path):
         "    k[(1,)](stand_in_tensor((100,), torch.float32), 100, BLOCK=128)\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    # The script runs from tmp_path: import the package from this checkout, installed or not.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     script = tmp_path / "plain_global.py"  # @triton.jit reads the kernel's source from its file
     script.write_text(code)
     proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
