@@ -50,13 +50,15 @@ def prepare(receiver_slots: torch.Tensor, sharer_slots: torch.Tensor | None, rec
         else:
             errors.append((SHARER_SLOTS, t, int(s[t]), sharer_rows))
     valid &= ~(bad_r | bad_s)
-    if dedupe and bool(valid.any()):
-        last = {}
-        for t in torch.nonzero(valid).flatten().tolist():
-            last[int(r[t])] = t
-        keep = torch.zeros_like(valid)
-        keep[list(last.values())] = True
-        valid = keep
+    if dedupe:
+        # Valid tokens ordered by (slot, token) with a stable sort: the last of each run of equal
+        # slots is the one that writes.
+        idx = torch.nonzero(valid).flatten()
+        order = torch.sort(r[idx], stable=True)
+        last = torch.ones_like(order.values, dtype=torch.bool)
+        last[:-1] = order.values[1:] != order.values[:-1]
+        valid = torch.zeros_like(valid)
+        valid[idx[order.indices[last]]] = True
     out_r = torch.where(valid, r, torch.full_like(r, -1))
     out_s = torch.where(valid, s, torch.zeros_like(s))
     return out_r.to(receiver_slots.device), out_s.to(receiver_slots.device), errors

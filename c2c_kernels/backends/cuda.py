@@ -47,24 +47,25 @@ def prepare(receiver_slots, sharer_slots, receiver_rows: int, sharer_rows: int, 
                                               status.buffer(receiver_slots.device))
 
 
-def _prepared(receiver_caches, sharer_caches, receiver_slots, sharer_slots, *, dedupe):
+def prepared(prepare, receiver_caches, sharer_caches, receiver_slots, sharer_slots, *, dedupe):
+    """The slots the kernels run on: ``prepare`` (this module's, or the emulator build's) over the
+    pools' row counts; ``sharer_caches=None`` for merge (no sharer read)."""
     if not receiver_caches:  # nothing is addressed; the native op returns its empty result
         return receiver_slots, sharer_slots
-    return prepare(receiver_slots, sharer_slots, slots.rows(receiver_caches[0]), slots.rows(sharer_caches[0]),
-                   dedupe=dedupe)
+    sharer_rows = slots.rows(sharer_caches[0]) if sharer_caches is not None else 0
+    return prepare(receiver_slots, sharer_slots, slots.rows(receiver_caches[0]), sharer_rows, dedupe=dedupe)
 
 
 def fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers):
-    r, s = _prepared(receiver_caches, sharer_caches, receiver_slots, sharer_slots, dedupe=True)
+    r, s = prepared(prepare, receiver_caches, sharer_caches, receiver_slots, sharer_slots, dedupe=True)
     torch.ops.c2c_native.fuse(receiver_caches, sharer_caches, r, s, list(weights), list(fusers))
 
 
 def project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers):
-    r, s = _prepared(receiver_caches, sharer_caches, receiver_slots, sharer_slots, dedupe=False)
+    r, s = prepared(prepare, receiver_caches, sharer_caches, receiver_slots, sharer_slots, dedupe=False)
     return torch.ops.c2c_native.project(receiver_caches, sharer_caches, r, s, list(weights), list(fusers))
 
 
 def merge(receiver_caches, receiver_slots, projections, head_scales):
-    if receiver_caches:
-        receiver_slots, _ = prepare(receiver_slots, None, slots.rows(receiver_caches[0]), 0, dedupe=True)
+    receiver_slots, _ = prepared(prepare, receiver_caches, None, receiver_slots, None, dedupe=True)
     torch.ops.c2c_native.merge(receiver_caches, receiver_slots, projections, head_scales)

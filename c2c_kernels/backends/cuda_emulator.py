@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .. import slots, status
+from .. import status
+from .cuda import prepared
 
 DEVICES = ("cpu",)
 EMULATOR = True  # test-only: never auto, left out of backends.available() and the benchmarks
@@ -68,20 +69,13 @@ def prepare(receiver_slots, sharer_slots, receiver_rows: int, sharer_rows: int, 
                                         status.buffer(receiver_slots.device)))
 
 
-def _prepared(receiver_caches, sharer_caches, receiver_slots, sharer_slots, *, dedupe):
-    if not receiver_caches:
-        return receiver_slots, sharer_slots
-    return prepare(receiver_slots, sharer_slots, slots.rows(receiver_caches[0]), slots.rows(sharer_caches[0]),
-                   dedupe=dedupe)
-
-
 def fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers):
-    r, s = _prepared(receiver_caches, sharer_caches, receiver_slots, sharer_slots, dedupe=True)
+    r, s = prepared(prepare, receiver_caches, sharer_caches, receiver_slots, sharer_slots, dedupe=True)
     _build().fuse(list(receiver_caches), list(sharer_caches), r, s, list(weights), list(fusers))
 
 
 def project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers):
-    r, s = _prepared(receiver_caches, sharer_caches, receiver_slots, sharer_slots, dedupe=False)
+    r, s = prepared(prepare, receiver_caches, sharer_caches, receiver_slots, sharer_slots, dedupe=False)
     return tuple(_build().project(list(receiver_caches), list(sharer_caches), r, s, list(weights), list(fusers)))
 
 
@@ -91,6 +85,5 @@ def selftest(name: str, blocks: int = 1, threads: int = 32) -> list[float]:
 
 
 def merge(receiver_caches, receiver_slots, projections, head_scales):
-    if receiver_caches:
-        receiver_slots, _ = prepare(receiver_slots, None, slots.rows(receiver_caches[0]), 0, dedupe=True)
+    receiver_slots, _ = prepared(prepare, receiver_caches, None, receiver_slots, None, dedupe=True)
     _build().merge(list(receiver_caches), receiver_slots, list(projections), list(head_scales))
