@@ -93,23 +93,30 @@ def test_shard_bad_arguments(kwargs, match):
         c2c_dist.shard(ckpt, **kwargs)
 
 
-def test_record_slot_error_matches_the_slot_rules():
-    """The no-sync GPU path records what c2c_kernels.slots.prepare reports first."""
+SLOT_KERNELS = [e.backend for e in backends.test_matrix(("cpu",)) if e.skip is None
+                and hasattr(backends.get(e.backend), "prepare")]
+
+
+@pytest.mark.parametrize("backend", SLOT_KERNELS)
+def test_slot_kernel_records_what_slots_prepare_reports(backend):
+    """The no-sync path (a backend's slot kernel, which the distributed fuse_all uses) records
+    what c2c_kernels.slots.prepare reports first."""
     from c2c_kernels import slots, status
-    from c2c_kernels.distributed.fuse import record_slot_error
-    buf = torch.zeros(status.SIZE, dtype=torch.int64)
+    prepare = backends.get(backend).prepare
+    buf = status.buffer("cpu")
+    status.clear("cpu")
     r = torch.tensor([-1, 3, 2, 12, 1])
     s = torch.tensor([99, 1, 8, 0, 50])  # token 0 is padding: its sharer slot is not checked
-    record_slot_error(buf, r, s, 10, 8)
+    prepare(r, s, 10, 8, dedupe=False)
     argument, index, value, limit = slots.prepare(r, s, 10, 8, dedupe=False)[2][0]
     assert buf[:5].tolist() == [1, argument, index, value, limit] == [1, status.SHARER_SLOTS, 2, 8, 8]
-    record_slot_error(buf, torch.tensor([11]), torch.tensor([0]), 10, 8)  # one pending error is kept
+    prepare(torch.tensor([11]), torch.tensor([0]), 10, 8, dedupe=False)  # one pending error is kept
     assert buf[:5].tolist() == [1, status.SHARER_SLOTS, 2, 8, 8]
     buf.zero_()
-    record_slot_error(buf, torch.tensor([0, 10]), torch.tensor([0, 0]), 10, 8)
+    prepare(torch.tensor([0, 10]), torch.tensor([0, 0]), 10, 8, dedupe=False)
     assert buf[:5].tolist() == [1, status.RECEIVER_SLOTS, 1, 10, 10]
     buf.zero_()
-    record_slot_error(buf, torch.tensor([0, -1]), torch.tensor([0, -5]), 10, 8)  # nothing bad
+    prepare(torch.tensor([0, -1]), torch.tensor([0, -5]), 10, 8, dedupe=False)  # nothing bad
     assert buf.tolist() == [0] * status.SIZE
 
 

@@ -26,9 +26,9 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
+from .. import backends
 from .. import ops as c2c_ops
 from .. import slots as _slots
-from .. import status as _status
 from ..reference import RMS_EPS, slot_coords
 from .shard import ShardedCheckpoint
 
@@ -98,30 +98,6 @@ def _ffn(z, norm, w1, w2):
     return z + torch.bmm(F.gelu(torch.bmm(_rms(z, norm), w1.transpose(1, 2))), w2.transpose(1, 2))
 
 
-def record_slot_error(buf: torch.Tensor, r: torch.Tensor, s: torch.Tensor, rows_r: int, rows_s: int) -> None:
-    """GPU semantics of :mod:`c2c_kernels.slots` without a host sync: the first bad token's
-    error goes into the status buffer ``buf`` unless one is already pending (the token itself is
-    skipped by the caller); ``c2c.raise_pending_errors()`` raises it."""
-    live = r >= 0
-    bad_r = live & (r >= rows_r)
-    bad_s = live & ~bad_r & ((s < 0) | (s >= rows_s))
-    bad = bad_r | bad_s
-    t = r.shape[0]
-    order = torch.arange(t, device=r.device)
-    first = torch.where(bad, order, torch.full_like(order, t)).min()
-    at = first.clamp(max=t - 1)
-    is_r = bad_r[at]
-    entry = torch.stack([
-        torch.ones_like(first),
-        torch.where(is_r, _status.RECEIVER_SLOTS, _status.SHARER_SLOTS).to(first.dtype),
-        first,
-        torch.where(is_r, r[at], s[at]),
-        torch.where(is_r, rows_r, rows_s).to(first.dtype),
-    ])
-    write = (first < t) & (buf[0] == 0)
-    buf[:5].copy_(torch.where(write, entry, buf[:5]))
-
-
 def _all_reduce(partial: torch.Tensor, group) -> torch.Tensor:
     """The one collective of a call (a functional all-reduce, traceable by torch.compile)."""
     return funcol.all_reduce(partial, "sum", group if group is not None else dist.group.WORLD)
@@ -142,20 +118,23 @@ class _Picker:
         return t.float()
 
 
-def _partial(sharded, receivers, sharers, fusers, receiver_slots, sharer_slots):
+def _partial(sharded, receivers, sharers, fusers, receiver_slots, sharer_slots, backend):
     """``(partial [E, T, H] fp32, ok [T])``: this rank's share of the input Linear, and which
-    tokens are fused (not padding, slots in range). On the CPU a bad slot raises here."""
+    tokens are fused (not padding, slots in range). Bad slots follow the backend, as in
+    ``c2c::fuse``: one with a slot kernel (Triton, CUDA) skips and records them on the device
+    without a host sync; the others raise here, before the collective (the slots being the same
+    on every rank, every rank raises)."""
     w = sharded.weights
     r, s = receiver_slots.long(), sharer_slots.long()
     rows_r, rows_s = _slots.rows(receivers[0]), _slots.rows(sharers[0])
-    ok = (r >= 0) & (r < rows_r) & (s >= 0) & (s < rows_s)
-    if receiver_slots.device.type == "cpu":
-        if not bool(ok[r >= 0].all()):
-            # CPU semantics of c2c_kernels.slots: the first bad token raises, nothing written (and,
-            # slots being the same on every rank, every rank raises here, before the collective).
-            _slots.raise_first(_slots.prepare(receiver_slots, sharer_slots, rows_r, rows_s, dedupe=False)[2])
+    prepare = getattr(backends.resolve(backend, r.device), "prepare", None)
+    if prepare is not None:
+        r, s = prepare(receiver_slots, sharer_slots, rows_r, rows_s, dedupe=False)
+        ok = r >= 0
     else:
-        record_slot_error(_status.buffer(r.device), r, s, rows_r, rows_s)
+        ok = (r >= 0) & (r < rows_r) & (s >= 0) & (s < rows_s)
+        if not bool(ok[r >= 0].all()):
+            _slots.raise_first(_slots.prepare(receiver_slots, sharer_slots, rows_r, rows_s, dedupe=False)[2])
     zero = torch.zeros((), dtype=torch.long, device=r.device)
     # Padding and bad tokens read row 0 and are never written (see ok).
     pick = _Picker(w, fusers)
@@ -185,7 +164,7 @@ def _finish(sharded, fusers, u):
 
 
 def _round(sharded, receivers, sharers, fusers, receiver_slots, sharer_slots, backend, group):
-    partial, ok = _partial(sharded, receivers, sharers, fusers, receiver_slots, sharer_slots)
+    partial, ok = _partial(sharded, receivers, sharers, fusers, receiver_slots, sharer_slots, backend)
     projection, head_scale = _finish(sharded, fusers, _all_reduce(partial, group))
     r = receiver_slots.long()
     torch.ops.c2c.merge(receivers, torch.where(ok, r, torch.full_like(r, -1)), list(projection.unbind(0)),
@@ -259,7 +238,7 @@ def _fuse_all_sharers(shards, receiver_kv, sharer_kv, receiver_slots, sharer_slo
     parts, oks, sizes = [], [], []
     for sh, rounds, slots in zip(shards, checked, sharer_slots):
         for _, receivers, sharers, fusers in rounds:
-            partial, ok = _partial(sh, receivers, sharers, fusers, receiver_slots, slots)
+            partial, ok = _partial(sh, receivers, sharers, fusers, receiver_slots, slots, backend)
             parts.append(partial), oks.append(ok), sizes.append(len(fusers))
     if not parts:
         return

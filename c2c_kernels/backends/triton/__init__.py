@@ -47,6 +47,13 @@ def unavailable():
     return _error
 
 
+def prepare(receiver_slots, sharer_slots, receiver_rows: int, sharer_rows: int, *, dedupe: bool):
+    """The slot kernel every call runs first (slot_prep.py): ``slots.prepare()``'s slots on the
+    device, errors recorded in the status buffer without a host sync."""
+    from . import slot_prep
+    return slot_prep.prepare(receiver_slots, sharer_slots, receiver_rows, sharer_rows, dedupe=dedupe)
+
+
 def fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers):
     from . import pipeline
     pipeline.run(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers)
