@@ -4,6 +4,7 @@ activation memory kept for the backward, c2c training vs the eager reference and
 
     python benchmarks/bench_training.py                  # CPU: 1 fused layer (K and V), 256 tokens
     python benchmarks/bench_training.py --device cuda    # all fused layers, 4 sequences x 2048 tokens
+    python benchmarks/bench_training.py --end-to-end     # c2c-train's loss + backward, receiver included
 
 Rows: ``c2c`` (``c2c_kernels.training``: torch ops on the CPU, Triton kernels on a GPU),
 ``reference`` (``reference.fuser_forward`` in training mode under autograd: fp32 compute,
@@ -16,6 +17,7 @@ peak during the step above what was allocated before it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 
 import torch
@@ -171,6 +173,81 @@ def measure(impls, args, dtype, device):
             for impl in impls}
 
 
+class EagerFusers(FuserTrainer):
+    """The same parameters, fused by ``reference.fuser_forward`` under plain autograd (every
+    activation kept): the eager baseline of the end-to-end measurement."""
+
+    def forward(self, sharer_rows, receiver_rows, fusers, *, generator=None):
+        heads = self.w_head.shape[1]
+        out = []
+        for s, x, f in zip(sharer_rows, receiver_rows, fusers):
+            y, a, gate = reference.fuser_forward(s, x, self.weights, f, training=self.training,
+                                                 dropout_p=self.dropout_p, temperature=self.temperature,
+                                                 generator=generator)
+            out.append(reference.fused_rows(x, y, a, gate, heads).to(x.dtype))
+        return torch.stack(out)
+
+
+def end_to_end(args, device):
+    """``c2c-train``'s micro-batch (sharer prefill, receiver prefill with the fused rows, the
+    final section's loss, the backward) with the fused autograd Function vs eager autograd
+    fusers on the same pipeline: what autograd keeps (receiver activations included), the
+    step's peak memory and time."""
+    from c2c_kernels.integrations import tiny
+    from c2c_kernels.training import C2CTrainer, Recipe, fresh_checkpoint
+    from c2c_kernels.training.loop import PeakMemory
+
+    tok = tiny.tiny_tokenizer("bytelevel", 320)
+    size = dict(hidden_size=args.model_hidden, intermediate_size=2 * args.model_hidden, num_attention_heads=8,
+                num_key_value_heads=2, head_dim=64, num_hidden_layers=args.model_layers, vocab_size=len(tok),
+                max_position_embeddings=4096, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    receiver = tiny.random_model(tiny.model_config("qwen3", **size), device=device, seed=1)
+    sharer = tiny.random_model(tiny.model_config("qwen3", **size), device=device, seed=2)
+    words = " ".join(tiny.CORPUS).split()
+    def text(start, count):
+        return " ".join(words[(start + k) % len(words)] for k in range(count))
+
+    convs = [[{"role": "user", "content": text(i, args.tokens // 2)},
+              {"role": "assistant", "content": text(3 * i, args.tokens // 4)}] for i in range(args.sequences)]
+    ckpt = fresh_checkpoint(receiver, sharer)
+    rows = []
+    for impl in ("c2c", "eager"):
+        trainer = C2CTrainer(receiver, tok, [(sharer, None)], [ckpt], Recipe(batch_size=args.sequences))
+        if impl == "eager":
+            fused = trainer.model.fusers[0]
+            eager = EagerFusers(ckpt.weights, dropout_p=fused.dropout_p, total_steps=fused.total_steps)
+            trainer.model.fusers[0] = eager
+        trainer.model.train()
+        batch = trainer.encode(convs)
+        params = list(trainer.model.fusers.parameters())
+
+        def step(counter=None):
+            gens = trainer.generators(range(args.sequences))
+            hooks = counter.hooks() if counter is not None else contextlib.nullcontext()
+            with hooks:
+                loss, count = trainer.model(batch, gens)
+            (loss / count).backward()
+            for p in params:
+                p.grad = None
+
+        step()
+        counter = SavedBytes(params)
+        memory = PeakMemory(device)
+        memory.reset()
+        step(counter)
+        peak = memory.peak()
+        samples = [timing.measure(step, device) for _ in range(args.steps)]
+        rows.append((impl, counter.total, peak, statistics.median(s.cpu_s for s in samples)))
+    tokens = int(batch.attention_mask.sum())
+    print(f"end to end: receiver and sharer {args.model_layers} layers x {args.model_hidden} hidden, "
+          f"{2 * len(ckpt.layers)} fusers (H = I = 1024), {args.sequences} conversations, {tokens} tokens, {device}")
+    print("| fusers | saved MiB (receiver included) | peak MiB | step ms (process CPU) |")
+    print("|---|---|---|---|")
+    for impl, saved, peak, cpu in rows:
+        print(f"| {impl} | {saved / 2**20:.1f} | {'' if peak is None else f'{peak / 2**20:.0f}'} | {cpu * 1e3:.0f} |")
+    print(f"saved by the fused backward: {rows[1][1] / max(rows[0][1], 1):.2f}x less kept")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -182,8 +259,18 @@ def main():
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--impl", nargs="+", default=None,
                         help="c2c reference reference+compile research (default: all that fit the device)")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="c2c-train's whole micro-batch, receiver forward included, c2c vs eager fusers")
+    parser.add_argument("--model-layers", type=int, default=4, help="--end-to-end: layers of each model")
+    parser.add_argument("--model-hidden", type=int, default=256, help="--end-to-end: hidden size of each model")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.end_to_end:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        args.sequences = args.sequences or 2
+        args.tokens = args.tokens or 128
+        return end_to_end(args, device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU here")
     gpu = device.type == "cuda"

@@ -31,6 +31,10 @@ SHAPE_ARGS = REQUIRED_ARGS + tuple(ARG_DEFAULTS)
 SIDES = ("key", "value")
 # State-dict buffers that are carried through a round trip but take no part in inference.
 PASSTHROUGH_BUFFERS = ("gate_temperature",)
+# Training init args of the research class (its defaults when a projector's json omits them):
+# the dropout after each FFN and the gate temperature's geometric schedule.
+TRAINING_ARG_DEFAULTS = {"dropout": 0.1, "initial_temperature": 1.0, "final_temperature": 0.001,
+                         "anneal_steps": 1929}
 PAIRS = ("first", "all")
 
 
@@ -238,6 +242,64 @@ class Checkpoint:
     def replace(self, **changes) -> "Checkpoint":
         """A new checkpoint with some fields changed (``mapping=``, ``pairs=``, ...)."""
         return dataclasses.replace(self, **changes)
+
+    def training_args(self) -> dict[str, Any]:
+        """``dropout``, ``initial_temperature``, ``final_temperature`` and ``anneal_steps`` from
+        the projectors' json (the research class's defaults for any it omits); every projector
+        of a checkpoint must agree, as one trainer schedule drives them all."""
+        out = None
+        for i, args in enumerate(self.projector_args):
+            got = {}
+            for name, default in TRAINING_ARG_DEFAULTS.items():
+                value = args.get(name, default)
+                numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if name == "anneal_steps":
+                    if type(value) is not int or value < 1:
+                        raise CheckpointError(f"projector_{i}: init_args.anneal_steps is {_describe(value)}, "
+                                              f"expected an integer >= 1")
+                elif name == "dropout":
+                    if not (numeric and 0.0 <= value < 1.0):
+                        raise CheckpointError(f"projector_{i}: init_args.dropout is {_describe(value)}, "
+                                              f"expected a probability in [0, 1)")
+                elif not (numeric and value > 0):
+                    raise CheckpointError(f"projector_{i}: init_args.{name} is {_describe(value)}, "
+                                          f"expected a positive number")
+                got[name] = value
+            if out is not None and got != out:
+                raise CheckpointError(f"projector_{i}: training args {got} differ from projector_0's {out}; one "
+                                      f"schedule trains every projector of a checkpoint")
+            out = got
+        return dict(TRAINING_ARG_DEFAULTS) if out is None else out
+
+    def with_weights(self, weights: FuserWeights, *, gate_temperature: float | None = None,
+                     training_args: Mapping[str, Any] | None = None) -> "Checkpoint":
+        """This checkpoint with other weights (e.g. a trainer's, ``FuserTrainer.export()``): the
+        documented way to export trained fusers. ``gate_temperature`` is written as every
+        projector's ``gate_temperature`` buffer (the research class's current temperature, which
+        its loader restores); ``training_args`` (``dropout``, ``initial_temperature``,
+        ``final_temperature``, ``anneal_steps``) update each projector's json. Float64 gate
+        logits are cast to fp32 here (the fusion ops take fp32 gates): keep the trainer for
+        float64 work."""
+        if not isinstance(weights, FuserWeights):
+            raise ValueError(f"weights: expected a FuserWeights, got {type(weights).__name__}")
+        if weights.num_fusers != self.weights.num_fusers:
+            raise ValueError(f"weights: {weights.num_fusers} fusers, this checkpoint holds {self.weights.num_fusers}")
+        for name, new, old in zip(FuserWeights._fields, weights, self.weights):
+            if new.shape != old.shape:
+                raise ValueError(f"weights.{name}: shape {list(new.shape)}, this checkpoint's is {list(old.shape)}")
+        weights = FuserWeights(*weights).to(dtype=weights.dtype)  # gate logits fp32
+        unknown = sorted(set(training_args or {}) - set(TRAINING_ARG_DEFAULTS))
+        if unknown:
+            raise ValueError(f"training_args: unknown names {unknown} (expected some of {list(TRAINING_ARG_DEFAULTS)})")
+        args = tuple({**a, **(training_args or {})} for a in self.projector_args)
+        buffers = [dict(b) for b in self.buffers] + [{} for _ in range(len(args) - len(self.buffers))]
+        if gate_temperature is not None:
+            if not (isinstance(gate_temperature, (int, float)) and gate_temperature > 0):
+                raise ValueError(f"gate_temperature: expected a positive number, got {gate_temperature!r}")
+            dtype = weights.dtype
+            buffers = [{**b, "gate_temperature": torch.tensor(float(gate_temperature), dtype=dtype)} for b in buffers]
+        return dataclasses.replace(self, weights=weights, projector_args=args, buffers=tuple(buffers),
+                                   _gate_stamp=None)
 
     def to(self, device=None, dtype=None) -> "Checkpoint":
         """A copy on ``device`` with weights in ``dtype`` (gate logits stay fp32)."""
@@ -502,6 +564,49 @@ def load_checkpoint(directory: str, device=None, dtype=None, *, pairs: str = "fi
     mapping = _parse_mapping(config_path, _read_json(config_path), count)
     ckpt = Checkpoint(weights, args_list, mapping, buffers, pairs)
     return ckpt.to(device=device) if device is not None else ckpt
+
+
+def read_fuser_weights(directory: str) -> FuserWeights:
+    """The stacked weights of a published directory in their stored dtypes, for training: any
+    floating dtype (float64 too) is kept, and float64 gate logits stay float64 (the inference
+    loader, :func:`load_checkpoint`, makes every gate logit fp32 for the fusion ops). The
+    files are checked as :func:`load_checkpoint` checks them."""
+    ckpt_args = []
+    sides = []
+    i = 0
+    while os.path.exists(os.path.join(directory, f"projector_{i}.json")):
+        json_path = os.path.join(directory, f"projector_{i}.json")
+        meta = _read_json(json_path)
+        if not isinstance(meta, dict) or meta.get("class") != PROJECTOR_CLASS:
+            raise CheckpointError(f"{json_path}: class is not {PROJECTOR_CLASS!r}")
+        args = _check_args(json_path, meta.get("init_args"))
+        if ckpt_args and any(args[k] != ckpt_args[0][k] for k in SHAPE_ARGS):
+            raise CheckpointError(f"{json_path}: shapes differ from projector_0; all projectors of one checkpoint "
+                                  f"must share shapes to be stacked")
+        pt_path = os.path.join(directory, f"projector_{i}.pt")
+        try:
+            state = torch.load(pt_path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"{pt_path}: file not found") from None
+        except Exception as e:  # torch raises several types for corrupt files
+            raise CheckpointError(f"{pt_path}: cannot be read as a torch state dict ({e})") from None
+        _check_state(pt_path, state, args, cast=True)
+        for side in SIDES:
+            packed = _pack_side(state, side, args)
+            stored = state[f"{side}_gate_logit"]
+            if stored.dtype == torch.float64:
+                packed[-1] = stored.reshape(())
+            sides.append(packed)
+        ckpt_args.append(args)
+        i += 1
+    if not sides:
+        raise CheckpointError(f"{directory}: no projector_0.json found (expected projector_{{i}}.json/.pt files)")
+    stacks = []
+    for ts in zip(*sides):
+        dtypes = {t.dtype for t in ts}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        stacks.append(torch.stack([t.to(dtype) for t in ts]).contiguous())
+    return FuserWeights(*stacks)
 
 
 def save_checkpoint(ckpt: Checkpoint, directory: str) -> None:

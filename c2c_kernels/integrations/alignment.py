@@ -263,7 +263,8 @@ class AlignedPrompt:
     ``sharer_pads`` mark tokens inserted to equalise section lengths (masked out of attention,
     counted by positions). ``sections`` are ``(start, end, sharers)`` in order, covering every
     column: ``sharers`` is a bitmask (bit ``j``: sharer ``j``) or -1 for no fusion; the last
-    section is never fused at prefill.
+    section is never fused at prefill. ``labels`` (training prompts only) holds the token each
+    column is trained to predict there, -100 where there is no loss (:func:`training_prompt`).
     """
 
     input_ids: list[int]
@@ -271,6 +272,7 @@ class AlignedPrompt:
     pads: list[bool]
     sharer_pads: list[list[bool]]
     sections: list[tuple[int, int, int]]
+    labels: list[int] | None = None
 
 
 def all_sharers(count: int) -> int:
@@ -288,15 +290,95 @@ def sections_from_mask(fused: Sequence[bool], sharers: int) -> list[tuple[int, i
     return out
 
 
-def whole_prompt(input_ids: list[int], sharer_input_ids: list[list[int]], sharers: int) -> AlignedPrompt:
-    """Every token but the last fused, the last alone in the final section (a single-tokenizer
-    prompt, or a raw text mapped token by token)."""
+def final_section_from(sections: Sequence[tuple[int, int, int]], start: int, total: int) -> list[tuple[int, int, int]]:
+    """``sections`` cut at column ``start``: what lies before keeps its selection, and
+    ``[start, total)`` becomes the final, unfused section (the research pipeline's
+    ``kv_cache_index``: every column from the last instruction token on is selection -1)."""
+    if not 0 <= start < total:
+        raise ValueError(f"start: column {start} is outside the prompt's {total} columns")
+    out = [(a, min(e, start), m) for a, e, m in sections if a < start]
+    return out + [(start, total, -1)]
+
+
+def whole_prompt(input_ids: list[int], sharer_input_ids: list[list[int]], sharers: int, *,
+                 final_start: int | None = None) -> AlignedPrompt:
+    """The tokens before ``final_start`` (default: every token but the last) fused, the rest in
+    the final section (a single-tokenizer prompt, or a raw text mapped token by token)."""
     n = len(input_ids)
     if n == 0:
         raise ValueError("input_ids: a prompt needs at least one token")
-    sections = ([(0, n - 1, sharers)] if n > 1 else []) + [(n - 1, n, -1)]
+    start = n - 1 if final_start is None else final_start
+    sections = final_section_from([(0, n, sharers)], start, n)
     return AlignedPrompt(list(input_ids), [list(s) for s in sharer_input_ids], [False] * n,
                          [[False] * n for _ in sharer_input_ids], sections)
+
+
+IGNORE_INDEX = -100  # a label without loss (the value the research recipe and transformers use)
+
+
+def training_prompt(receiver_tokenizer, sharer_tokenizers: Sequence, messages, *, strategy: str = "first",
+                    enable_thinking: bool = False, maps: Sequence[TokenMap | None] | None = None,
+                    max_length: int | None = None) -> AlignedPrompt:
+    """A conversation laid out for training: the research recipe's instruction / response split.
+
+    The last message is the response (role ``assistant``); everything before it is the
+    instruction. The final section starts at the instruction's last token, so the fused
+    columns are the instruction tokens except the last; labels are the response tokens (every
+    token from the response on; section padding has no label), -100 elsewhere.
+
+    One tokenizer (every sharer reads the receiver's tokens): the receiver's chat template over
+    the whole conversation, tokenized as text without added special tokens; the instruction is
+    the template over all but the last message with the generation prompt. Several tokenizers:
+    the conversation laid out by :func:`align_messages` (no generation prompt); only message
+    sections are fused, and the response starts at the last message section. ``max_length``
+    keeps the first columns only (labels too), as the research dataset truncates.
+    """
+    messages = list(messages)
+    if len(messages) < 2 or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise ValueError("messages: expected a conversation of at least two {'role', 'content'} messages "
+                         "(the instruction, then the response)")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"messages: the last message is the response and must have role 'assistant', got "
+                         f"{messages[-1]['role']!r}")
+    if maps is None:
+        maps = [None if t is None or t is receiver_tokenizer else TokenMap(receiver_tokenizer, t, strategy)
+                for t in sharer_tokenizers]
+    kw = dict(enable_thinking=enable_thinking)
+    sharers = all_sharers(len(maps))
+    if all(m is None for m in maps):
+        _, ids, _ = apply_template(receiver_tokenizer, messages, add_generation_prompt=False, **kw)
+        _, instruction, _ = apply_template(receiver_tokenizer, messages[:-1], add_generation_prompt=True, **kw)
+        response = len(instruction)
+        prompt = whole_prompt(ids, [ids] * len(maps), sharers, final_start=max(response - 1, 0))
+    else:
+        prompt = align_messages(receiver_tokenizer, sharer_tokenizers, messages, strategy=strategy,
+                                add_generation_prompt=False, enable_thinking=enable_thinking, maps=maps)
+        starts = [a for a, _, m in prompt.sections if m > 0]
+        if not starts:
+            raise ValueError("messages: the chat template holds no message sections to align")
+        response = starts[-1]
+        prompt.sections = final_section_from(prompt.sections, max(response - 1, 0), len(prompt.input_ids))
+    if response >= len(prompt.input_ids):
+        raise ValueError("messages: the response tokenizes to no tokens after the instruction")
+    prompt.labels = [IGNORE_INDEX if c < response or pad else t
+                     for c, (t, pad) in enumerate(zip(prompt.input_ids, prompt.pads))]
+    if max_length is not None and len(prompt.input_ids) > max_length:
+        prompt = truncate(prompt, max_length)
+    return prompt
+
+
+def truncate(prompt: AlignedPrompt, length: int) -> AlignedPrompt:
+    """The first ``length`` columns of a prompt (sections clipped; the final section may start
+    earlier than its own start when the cut falls before it)."""
+    if not (isinstance(length, int) and length >= 1):
+        raise ValueError(f"length: expected an integer >= 1, got {length!r}")
+    sections = [(a, min(e, length), m) for a, e, m in prompt.sections if a < length]
+    if sections[-1][2] > 0:  # the cut fell in a fused section: its last column becomes the final one
+        a, e, m = sections.pop()
+        sections += ([(a, e - 1, m)] if e - 1 > a else []) + [(e - 1, e, -1)]
+    return AlignedPrompt(prompt.input_ids[:length], [ids[:length] for ids in prompt.sharer_input_ids],
+                         prompt.pads[:length], [p[:length] for p in prompt.sharer_pads], sections,
+                         None if prompt.labels is None else prompt.labels[:length])
 
 
 def align_messages(receiver_tokenizer, sharer_tokenizers: Sequence, messages, *, strategy: str = "first",

@@ -32,8 +32,8 @@ from .. import layouts
 from ..api import fuse_all
 from ..checkpoint import Checkpoint, last_aligned_map, make_checkpoint
 from ..weights import random_weights
-from .alignment import (STRATEGIES, AlignedPrompt, TokenMap, align_messages, align_offsets, all_sharers,
-                        apply_template, identity_alignment, pad_id, whole_prompt)
+from .alignment import (IGNORE_INDEX, STRATEGIES, AlignedPrompt, TokenMap, align_messages, align_offsets,
+                        all_sharers, apply_template, identity_alignment, pad_id, training_prompt, whole_prompt)
 
 # ---- transformers API differences ------------------------------------------------------------
 
@@ -81,6 +81,8 @@ class PromptBatch:
     column ranges in order (the research pipeline's ``kv_cache_index``: ``sharers`` is a
     bitmask, bit ``j`` = sharer ``j``, or -1 for none); the last one is the prompt's final
     section, not fused at prefill. None: every token but the last, fused with every sharer.
+    ``labels`` (``[B, N]``, training batches only): the token each column is trained to
+    predict, -100 for none (:func:`.alignment.training_prompt`).
     """
 
     input_ids: Tensor  # [B, N] receiver tokens
@@ -91,6 +93,7 @@ class PromptBatch:
     position_ids: Tensor | None = None
     sharer_position_ids: list[Tensor] | None = None
     sections: list[list[Section]] | None = None
+    labels: Tensor | None = None
 
     @classmethod
     def same_tokens(cls, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -139,7 +142,7 @@ class PromptBatch:
                            [t.to(device) for t in self.sharer_attention_masks],
                            [t.to(device) for t in self.sharer_columns], move(self.position_ids),
                            None if self.sharer_position_ids is None else [move(t) for t in self.sharer_position_ids],
-                           self.sections)
+                           self.sections, move(self.labels))
 
     # -- derived --
 
@@ -219,8 +222,11 @@ def batch_aligned(prompts: Sequence[AlignedPrompt], pad: int, sharer_pads: Seque
         sections.append([(a + (at_body if a < body else at_tail - body), e + (at_body if a < body else at_tail - body),
                           m) for a, e, m in p.sections])
     columns = identity_alignment(mask)
+    labels = None
+    if all(p.labels is not None for p in prompts):
+        labels = place([p.labels for p in prompts], IGNORE_INDEX)
     return PromptBatch(ids, mask, s_ids, s_masks, [columns] * sharers, position_ids, [position_ids] * sharers,
-                       sections)
+                       sections, labels)
 
 
 def tokenize(tokenizer, texts: Sequence[str], *, padding_side: str = "left", offsets: bool = False,
@@ -325,6 +331,12 @@ def fuse_prompt_cache(checkpoints: Checkpoint | Sequence[Checkpoint], receiver_c
                  check_slots=check_slots)
 
 
+def selected_sharers(selection: int, count: int) -> list[int]:
+    """The sharers a section's selection names: bit ``j`` of a positive bitmask is sharer ``j``
+    (the research pipeline's ``kv_cache_index``); -1 names none."""
+    return [j for j in range(count) if selection > 0 and selection & (1 << j)]
+
+
 # ---- caches ----------------------------------------------------------------------------------
 
 _CACHE_CLASS = None
@@ -350,6 +362,18 @@ def fusing_cache():
 
         _CACHE_CLASS = FusingCache
     return _CACHE_CLASS()
+
+
+def set_layer(cache, layer: int, keys: Tensor, values: Tensor) -> None:
+    """Replace one layer's ``[B, H, N, D]`` keys and values of a ``DynamicCache`` (either cache
+    API) by other tensors, e.g. fused rows that carry an autograd graph: the next forward
+    appends to them and attends to them."""
+    if hasattr(cache, "layers"):
+        cache.layers[layer].keys, cache.layers[layer].values = keys, values
+    elif hasattr(cache, "key_cache"):
+        cache.key_cache[layer], cache.value_cache[layer] = keys, values
+    else:
+        raise ValueError(f"cache: a {type(cache).__name__} is not a DynamicCache")
 
 
 def _hf_layers(cache) -> list[tuple[Tensor, Tensor]]:
@@ -644,6 +668,29 @@ class C2CModel:
         return batch_aligned(prompts_out, pad_id(self.tokenizer), sharer_pads,
                              padding_side=padding_side).to(self.receiver.device)
 
+    def tokenize_training(self, conversations, *, padding_side: str = "left", enable_thinking: bool = False,
+                          max_length: int | None = None) -> PromptBatch:
+        """Lay conversations out for training (:func:`.alignment.training_prompt`): the last
+        message is the response; the batch carries ``labels`` and the sections the research
+        recipe trains with, for the receiver and every sharer, as :meth:`tokenize` lays prompts
+        out (same alignment, same token maps, same batch layout)."""
+        if self.tokenizer is None:
+            raise ValueError("tokenizer: this C2CModel has none; training needs the receiver's tokenizer")
+        if self.alignment != "research":
+            raise ValueError("alignment: training follows the research alignment; build the model with "
+                             "alignment='research'")
+        if _is_messages(conversations):
+            conversations = [conversations]
+        n = len(self.sharers)
+        own = [self._own_tokenizer(j) for j in range(n)]
+        sharer_pads = [pad_id(self.sharers[j].tokenizer) if own[j] else pad_id(self.tokenizer) for j in range(n)]
+        prompts = [training_prompt(self.tokenizer, [s.tokenizer for s in self.sharers], list(c),
+                                   strategy=self.strategy, enable_thinking=enable_thinking,
+                                   maps=[self.token_map(j) for j in range(n)], max_length=max_length)
+                   for c in conversations]
+        return batch_aligned(prompts, pad_id(self.tokenizer), sharer_pads,
+                             padding_side=padding_side).to(self.receiver.device)
+
     def _tokenize_offsets(self, texts, padding_side, add_special_tokens, sharer_pads) -> PromptBatch:
         enc = [self.tokenizer(t, add_special_tokens=add_special_tokens, return_offsets_mapping=True) for t in texts]
         for i, e in enumerate(enc):
@@ -687,7 +734,7 @@ class C2CModel:
         device = self.receiver.device
         receiver_kv = layouts.dynamic_cache_views(cache)
         for selection, cells in sorted(tokens.items()):
-            chosen = [j for j in range(len(self.sharers)) if selection & (1 << j)]
+            chosen = selected_sharers(selection, len(self.sharers))
             if not chosen or not cells:
                 continue
             rows = torch.tensor([r for r, _ in cells], device=device)
@@ -706,11 +753,14 @@ class C2CModel:
                          mode=self.mode, backend=backend, check_slots=self.check_slots)
 
     def _prefill_sections(self, batch: PromptBatch, end: int, *, fuse: bool, backend: str,
-                          attention_mask: Tensor | None = None, sharer_caches=None, shadow: bool = False):
+                          attention_mask: Tensor | None = None, sharer_caches=None, shadow: bool = False,
+                          fuse_tokens=None):
         """Prefill receiver columns ``[0, end)`` section by section: each fused section is fused
         (in place, from ``sharer_caches``) before any later column is prefilled; final sections
         are prefilled, never fused. With ``shadow``, also returns the research pipeline's clean
-        copy: the fused cache with each prompt's last fused-or-not body section as prefilled."""
+        copy: the fused cache with each prompt's last fused-or-not body section as prefilled.
+        ``fuse_tokens`` replaces the fusion step (same arguments as :meth:`_fuse_tokens`): the
+        trainer's differentiable fusion runs in exactly these chunks, on exactly these tokens."""
         sections = batch.row_sections(len(self.sharers))
         mask = batch.attention_mask if attention_mask is None else attention_mask
         host_mask = mask.bool().cpu()
@@ -741,7 +791,7 @@ class C2CModel:
                         cols = torch.tensor([c for _, c in keep], device=mask.device)
                         saved.append((rows, cols, [(k[rows, :, cols].clone(), v[rows, :, cols].clone())
                                                    for k, v in _hf_layers(cache)]))
-                self._fuse_tokens(cache, stop, tokens, sharer_caches, batch, backend)
+                (fuse_tokens or self._fuse_tokens)(cache, stop, tokens, sharer_caches, batch, backend)
             a = stop
         clean = None
         if shadow:
@@ -984,5 +1034,6 @@ def random_checkpoint(receiver, sharer, *, layer_map: dict[int, int] | None = No
 __all__ = [
     "C2CModel", "Sharer", "PromptBatch", "Prefilled", "fuse_prompt_cache", "prefill", "split_last_token",
     "tokenize", "positions", "random_checkpoint", "kv_geometry", "cache_argument", "output_cache",
-    "DecodeFusion", "GENERATION_OPTIONS", "batch_aligned", "fusing_cache", "clone_cache",
+    "DecodeFusion", "GENERATION_OPTIONS", "batch_aligned", "fusing_cache", "clone_cache", "selected_sharers",
+    "set_layer",
 ]

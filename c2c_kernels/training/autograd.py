@@ -1,7 +1,10 @@
 """The training forward and backward of a list of fused entries, as one autograd Function.
 
 Entry ``i`` fuses ``sharer_rows[i]`` into ``receiver_rows[i]`` with fuser ``fusers[i]`` of the
-stacked weights; the rows are constants (the two LLMs are frozen) and get no gradient. The
+stacked weights. The sharer rows are constants (the sharer is frozen and runs without
+gradients). The receiver rows get a gradient when they require one: in sequential
+multi-sharer fusion they are the previous fuser's output, and its weights must see the loss
+through this fuser (``dx = dout + dU0 W_in_receiver``: the residual and the input Linear). The
 gradient of every stacked weight is returned (fusers not in the call get zeros; a fuser used
 by several entries gets the sum).
 
@@ -42,6 +45,10 @@ class Run:
     ops: ModuleType
     generator: torch.Generator | None
     recompute: bool = True  # False: keep each FFN's hidden pre-activation (no recompute GEMM)
+    # None: the Gumbel noise and the soft gate in fp32 (the package's default); a 16-bit dtype:
+    # the research recipe's dtypes (noise drawn, gate logit and temperature rounded, gate
+    # computed in it), for reproducing a bf16 research run.
+    gate_dtype: torch.dtype | None = None
 
     @property
     def p(self) -> float:
@@ -90,6 +97,9 @@ def _draw_keeps(run: Run, gen, tokens: int, hidden: int, blocks: int, device):
 def _gate(run: Run, gate_logit, gen, tokens: int, heads: int, device) -> torch.Tensor:
     """The gate per (token, head): Gumbel-sigmoid when training, else the hard gate."""
     acc = accumulation_dtype(run.compute_dtype)
+    if run.training and run.gate_dtype is not None:
+        return noise.research_soft_gate(gate_logit, gen, tokens, heads, device, run.temperature,
+                                        run.gate_dtype).to(acc).contiguous()
     if run.training:
         g = noise.soft_gate(gate_logit, noise.gumbel(gen, tokens, heads, device), run.temperature)
         return g.to(acc).contiguous()
@@ -193,8 +203,9 @@ class _BlockGrads:
         self.sink.add(self.names[k], self.f, value, self.b)
 
 
-def _entry_backward(run: Run, w: FuserWeights, f: int, s, x, saved, dout, gen, sink):
-    """Adds one entry's gradients (fuser ``f``) into ``sink``."""
+def _entry_backward(run: Run, w: FuserWeights, f: int, s, x, saved, dout, gen, sink, dx=None):
+    """Adds one entry's gradients (fuser ``f``) into ``sink``; with ``dx`` (the residual's
+    gradient, ``dout`` in fp32) also the receiver rows' gradient, in place into ``dx``."""
     ops, dtype, p = run.ops, run.compute_dtype, run.p
     tokens, device = s.shape[0], s.device
     blocks = w.ffn_w1.shape[0]
@@ -231,29 +242,34 @@ def _entry_backward(run: Run, w: FuserWeights, f: int, s, x, saved, dout, gen, s
     sink.gemm("w_in_sharer", f, d_u0_c, s.to(dtype))
     sink.gemm("w_in_receiver", f, d_u0_c, x.to(dtype))
     sink.add("b_in", f, d_u0.sum(0))
+    if dx is not None:
+        dx += (d_u0_c @ w.w_in_receiver).to(dx.dtype)
 
 
 class FuserTrainingFunction(torch.autograd.Function):
-    """``apply(run, sharer_rows, receiver_rows, *weights) -> fused rows [R, T, Kt]``.
+    """``apply(run, sharer_rows, *receiver_rows, *weights) -> fused rows [R, T, Kt]``.
 
-    ``sharer_rows`` / ``receiver_rows`` are lists of R ``[T, Ks]`` / ``[T, Kt]`` tensors
-    (constants), ``weights`` the 14 stacked tensors of a FuserWeights. The output has the
-    receiver rows' dtype.
+    ``sharer_rows`` is a list of R ``[T, Ks]`` tensors (constants); ``receiver_rows`` are R
+    ``[T, Kt]`` tensors, passed as separate arguments so that autograd sees them (a gradient
+    flows to those that require one); ``weights`` the 14 stacked tensors of a FuserWeights.
+    The output has the receiver rows' dtype.
     """
 
     @staticmethod
-    def forward(ctx, run: Run, sharer_rows, receiver_rows, *params):
+    def forward(ctx, run: Run, sharer_rows, *inputs):
+        count = len(run.fusers)
+        receiver_rows, params = inputs[:count], inputs[count:]
         weights = FuserWeights(*params)
         x0 = receiver_rows[0]
         device = x0.device
         gen = noise.resolve_generator(run.generator, device) if run.training else None
         ctx.rng_state = noise.snapshot(gen) if gen is not None else None
-        out = torch.empty(len(run.fusers), *x0.shape, dtype=x0.dtype, device=device)
+        out = torch.empty(count, *x0.shape, dtype=x0.dtype, device=device)
         saved = []
         cast = CastWeights(weights, run.compute_dtype)
         ctx.entries = run.fusers if x0.shape[0] else ()  # no tokens: nothing to compute
         for i, f in enumerate(ctx.entries):
-            s, x = sharer_rows[i], receiver_rows[i].contiguous()
+            s, x = sharer_rows[i].detach(), receiver_rows[i].detach().contiguous()
             saved += [s, x, *_entry_forward(run, cast(f), s, x, gen, out[i])]
         ctx.run = run
         ctx.per_entry = len(saved) // max(len(ctx.entries), 1)
@@ -264,13 +280,21 @@ class FuserTrainingFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         run, n = ctx.run, len(FuserWeights._fields)
+        count = len(run.fusers)
         saved = ctx.saved_tensors
         weights = FuserWeights(*saved[:n])
-        sink = GradSink(weights, ctx.needs_input_grad[3:], ctx.entries)
+        row_needs = ctx.needs_input_grad[2:2 + count]
+        sink = GradSink(weights, ctx.needs_input_grad[2 + count:], ctx.entries)
         gen = noise.replay(ctx.rng_state, grad_out.device) if ctx.rng_state is not None else None
         cast = CastWeights(weights, run.compute_dtype)
+        row_grads = [None] * count
         for i, f in enumerate(ctx.entries):
             s, x, *entry = saved[n + i * ctx.per_entry: n + (i + 1) * ctx.per_entry]
+            # The residual's gradient, taken before the backward may reuse ``dout`` as scratch.
+            dx = grad_out[i].to(accumulation_dtype(run.compute_dtype), copy=True) if row_needs[i] else None
             dout = grad_out[i].to(x.dtype).contiguous()
-            _entry_backward(run, cast(f), f, s, x, entry, dout, gen, sink)
-        return (None, None, None, *sink.result())
+            _entry_backward(run, cast(f), f, s, x, entry, dout, gen, sink, dx)
+            row_grads[i] = None if dx is None else dx.to(x.dtype)
+        if not ctx.entries:  # no tokens: the rows' gradient is the (empty) output gradient
+            row_grads = [grad_out[i] if need else None for i, need in enumerate(row_needs)]
+        return (None, None, *row_grads, *sink.result())

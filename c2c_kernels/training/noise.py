@@ -54,3 +54,14 @@ def soft_gate(gate_logit: torch.Tensor, noise: torch.Tensor, temperature: float)
     """``sigmoid((g + gumbel) / tau)``, the same ops as the reference (bit-identical). The
     noise is widened to a float64 logit's dtype (a 0-d logit would not promote it)."""
     return torch.sigmoid((gate_logit + noise.to(torch.promote_types(gate_logit.dtype, noise.dtype))) / temperature)
+
+
+def research_soft_gate(gate_logit: torch.Tensor, generator, tokens: int, heads: int, device, temperature: float,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """The soft gate in the research recipe's dtypes: the uniform draw, the Gumbel transform,
+    the gate logit, the temperature buffer and the sigmoid all in ``dtype`` (bf16 in the
+    published runs). One ``[T, H]`` draw from ``generator``, in the place of :func:`gumbel`'s."""
+    u = torch.rand((tokens, heads), generator=generator, device=device, dtype=dtype)
+    g = -torch.log(-torch.log(u + 1e-20) + 1e-20)
+    tau = torch.tensor(temperature, dtype=dtype, device=device)
+    return torch.sigmoid((gate_logit.to(dtype) + g) / tau)

@@ -89,7 +89,7 @@ def check_rows(sharer_rows: list[Tensor], receiver_rows: list[Tensor], weights: 
 def fuse_rows(sharer_rows, receiver_rows, weights: FuserWeights, fusers, *, training: bool = True,
               dropout_p: float = 0.1, temperature: float = 1.0, generator: torch.Generator | None = None,
               compute_dtype: torch.dtype | None = None, backend: str = "auto",
-              recompute: bool | None = None) -> Tensor:
+              recompute: bool | None = None, gate_dtype: torch.dtype | None = None) -> Tensor:
     """Fused receiver rows, differentiable in every weight of ``weights``.
 
     ``sharer_rows`` ``[T, Ks]``, ``receiver_rows`` ``[T, Kt]`` with ``fusers`` an int, or
@@ -97,11 +97,14 @@ def fuse_rows(sharer_rows, receiver_rows, weights: FuserWeights, fusers, *, trai
     ``[R, T, Kt]`` in the receiver rows' dtype: ``x + G * sigmoid(a) * y`` per head, with
     dropout ``dropout_p`` after each FFN and the Gumbel-sigmoid gate at ``temperature`` when
     ``training`` (the reference's draws from ``generator``, in its order), else the inference
-    fuser. The rows are constants: they get no gradient.
+    fuser. The sharer rows are constants; receiver rows that require a gradient get one (the
+    previous fuser's output in sequential multi-sharer fusion).
 
     ``compute_dtype`` is the GEMM dtype (:func:`default_compute_dtype`); ``recompute`` (default:
     on a GPU, not on the CPU) recomputes each FFN's first GEMM in the backward instead of
     keeping its output (see ``docs/training.md`` for the bytes kept either way).
+    ``gate_dtype`` (default None: fp32) draws the Gumbel noise and computes the soft gate in
+    that dtype, as the research recipe does in bf16 (``docs/training.md``).
     """
     single = isinstance(fusers, int)
     fusers = [fusers] if single else [int(f) for f in fusers]
@@ -118,10 +121,11 @@ def fuse_rows(sharer_rows, receiver_rows, weights: FuserWeights, fusers, *, trai
         compute_dtype = default_compute_dtype(receiver_rows[0].dtype, weights.dtype, device)
     if recompute is None:
         recompute = device.type == "cuda"
+    if gate_dtype is not None and gate_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        _fail(f"gate_dtype: expected None, torch.bfloat16, torch.float16 or torch.float32, got {gate_dtype!r}")
     run = Run(tuple(fusers), training, float(dropout_p), float(temperature), compute_dtype,
-              _ops_for(backend, device, compute_dtype), generator, bool(recompute))
-    out = FuserTrainingFunction.apply(run, [r.detach() for r in sharer_rows],
-                                      [r.detach() for r in receiver_rows], *weights)
+              _ops_for(backend, device, compute_dtype), generator, bool(recompute), gate_dtype)
+    out = FuserTrainingFunction.apply(run, [r.detach() for r in sharer_rows], *receiver_rows, *weights)
     return out[0] if single else out
 
 
@@ -172,22 +176,30 @@ class FuserTrainer(nn.Module):
 
     ``param_dtype`` (default: the weights' dtype) is what the optimizer updates; use fp32
     master weights for bf16 training and set ``compute_dtype=torch.bfloat16`` (the default on
-    a GPU when the rows are bf16).
+    a GPU when the rows are bf16). The gate logits keep their own dtype (fp32, float64 for
+    float64 weights) unless ``gate_dtype`` is given: then the gate logits, the temperature and
+    the Gumbel noise are in ``gate_dtype`` (the research recipe's bf16; see
+    ``docs/training.md``). ``total_steps`` is the research class's ``anneal_steps``.
     """
 
     def __init__(self, weights: FuserWeights, *, dropout_p: float = 0.1, total_steps: int = 1000,
                  start_temperature: float = 1.0, end_temperature: float = 0.001,
                  param_dtype: torch.dtype | None = None, compute_dtype: torch.dtype | None = None,
-                 backend: str = "auto", recompute: bool | None = None):
+                 backend: str = "auto", recompute: bool | None = None, gate_dtype: torch.dtype | None = None):
         super().__init__()
         if not 0.0 <= dropout_p < 1.0:
             _fail(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
         if not (start_temperature > 0 and end_temperature > 0):
             _fail(f"start_temperature/end_temperature: expected positive values, got "
                   f"{start_temperature}/{end_temperature}")
+        if not (isinstance(total_steps, int) and total_steps >= 1):
+            _fail(f"total_steps: expected a positive number of optimizer steps, got {total_steps!r}")
         for name, t in zip(FuserWeights._fields, weights):
             dtype = t.dtype if name == "gate_logit" and param_dtype != torch.float64 else (param_dtype or t.dtype)
+            if name == "gate_logit" and gate_dtype is not None:
+                dtype = gate_dtype
             self.register_parameter(name, nn.Parameter(t.detach().to(dtype).clone()))
+        self.gate_dtype = gate_dtype
         self.dropout_p, self.total_steps = dropout_p, total_steps
         self.start_temperature, self.end_temperature = start_temperature, end_temperature
         self.compute_dtype, self.backend, self.recompute = compute_dtype, backend, recompute
@@ -199,12 +211,18 @@ class FuserTrainer(nn.Module):
         return FuserWeights(*(getattr(self, name) for name in FuserWeights._fields))
 
     def export(self, dtype: torch.dtype | None = None) -> FuserWeights:
-        """A detached copy for the inference ops (gate logits stay fp32)."""
-        return FuserWeights(*(t.detach().clone() for t in self.weights)).to(dtype=dtype or self.w_in_sharer.dtype)
+        """A detached copy for the inference ops (gate logits in fp32, float64 ones kept)."""
+        weights = FuserWeights(*(t.detach().clone() for t in self.weights))
+        gate = weights.gate_logit
+        out = weights.to(dtype=dtype or self.w_in_sharer.dtype)
+        return out._replace(gate_logit=gate) if gate.dtype == torch.float64 else out
 
     @property
     def temperature(self) -> float:
-        return annealed_temperature(int(self.step), self.total_steps, self.start_temperature, self.end_temperature)
+        """The gate temperature of the current step (rounded to ``gate_dtype`` when given,
+        as the research recipe's temperature buffer is)."""
+        t = annealed_temperature(int(self.step), self.total_steps, self.start_temperature, self.end_temperature)
+        return float(torch.tensor(t, dtype=self.gate_dtype)) if self.gate_dtype is not None else t
 
     def advance(self, steps: int = 1) -> None:
         """Move the temperature schedule on (call once per optimizer step)."""
@@ -221,4 +239,4 @@ class FuserTrainer(nn.Module):
     def _options(self, generator):
         return dict(training=self.training, dropout_p=self.dropout_p, temperature=self.temperature,
                     generator=generator, compute_dtype=self.compute_dtype, backend=self.backend,
-                    recompute=self.recompute)
+                    recompute=self.recompute, gate_dtype=self.gate_dtype)
