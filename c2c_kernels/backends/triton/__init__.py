@@ -6,8 +6,9 @@ table, which also carries each entry's cache addresses and strides (tables.py). 
 launch prepares the slots (slot_prep.py: every slot inside its pool, a bad one recorded in the
 device's status buffer, duplicates resolved); the first GEMM gathers the rows from the caches
 through them and the last one merges into them in place (pipeline.py has the stage list). No
-host synchronisation anywhere, so a call (after one eager warm-up with the same caches) can be
-captured in a CUDA graph.
+host synchronisation anywhere, so a call (after one eager warm-up call with the same shapes, for
+the autotuner) can be captured in a CUDA graph, the parallel multi-sharer mode (project, then
+merge) included: a table first met during the capture is written by launches the graph records.
 
 Runs on CUDA tensors, and on CPU tensors in the Triton interpreter (``TRITON_INTERPRET=1`` set
 before import), which is how it is tested without a GPU.

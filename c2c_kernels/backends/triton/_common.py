@@ -57,23 +57,69 @@ def load_view(table_ptr, at, DTYPE: tl.constexpr, VEC: tl.constexpr):
     return base, tl.load(table_ptr + at + 1), tl.load(table_ptr + at + 2), tl.load(table_ptr + at + 3)
 
 
+def page_constexpr(page_size: int) -> int:
+    """The PAGE_SIZE constexpr of a view with ``page_size`` entries per page: the size itself when
+    it is a power of two (paged pools: a handful of values per deployment; the slot's page and
+    entry become a shift and a mask), else 0, and the kernel divides by the runtime argument (a
+    cache whose "page" is a whole sequence, as a growing Hugging Face cache, would otherwise
+    compile a new kernel at every length)."""
+    return page_size if page_size > 0 and page_size & (page_size - 1) == 0 else 0
+
+
 @triton.jit
-def slot_rows(slots, page_size, stride_page, stride_entry, VEC: tl.constexpr):
-    """Element offset of each slot's row: page ``slot // page_size``, entry ``slot % page_size``.
-    VEC > 1 promises every offset is a multiple of VEC (checked on the host) so loads vectorize."""
-    rows = (slots // page_size) * stride_page + (slots % page_size) * stride_entry
+def token_rows(entry, tokens, tok):
+    """Row ``entry * tokens + tok`` of an ``[entries, tokens, ...]`` activation, in int64 before
+    anything is multiplied (the row times a width passes 2^31 at a few million tokens)."""
+    return entry.to(tl.int64) * tokens + tok.to(tl.int64)
+
+
+@triton.jit
+def slot_rows(slots, page_size, stride_page, stride_entry, PAGE_SIZE: tl.constexpr, VEC: tl.constexpr):
+    """Element offset of each slot's row: page ``slot // page_size``, entry ``slot % page_size``,
+    with the compile-time PAGE_SIZE when it is set (see page_constexpr). VEC > 1 promises every
+    offset is a multiple of VEC (checked on the host) so loads vectorize."""
+    if PAGE_SIZE > 0:
+        rows = (slots // PAGE_SIZE) * stride_page + (slots % PAGE_SIZE) * stride_entry
+    else:
+        rows = (slots // page_size) * stride_page + (slots % page_size) * stride_entry
     if VEC > 1:
         rows = tl.multiple_of(rows, VEC)
     return rows
 
 
 @triton.jit
-def head_columns(cols, head_dim, stride_head, VEC: tl.constexpr):
-    """Element offset of flattened column ``head * head_dim + dim`` inside one token's row."""
-    offsets = (cols // head_dim) * stride_head + cols % head_dim
+def head_columns(cols, stride_head, HEAD_DIM: tl.constexpr, VEC: tl.constexpr):
+    """Element offset of flattened column ``head * HEAD_DIM + dim`` inside one token's row. The
+    head dim is a compile-time constant (a few values per deployment): no integer division per
+    column on every K step."""
+    offsets = (cols // HEAD_DIM) * stride_head + cols % HEAD_DIM
     if VEC > 1:
         offsets = tl.max_contiguous(tl.multiple_of(offsets, VEC), VEC)
     return offsets
+
+
+# Columns per partial sum of squares (see store_sum_sq): the smallest column tile, so that
+# every tile of every config covers whole chunks.
+SUMSQ_CHUNK = tl.constexpr(32)
+
+
+def sum_sq_chunks(width: int) -> int:
+    """Partial sums of squares per row of a ``width``-wide activation."""
+    return -(-width // SUMSQ_CHUNK.value)
+
+
+@triton.jit
+def store_sum_sq(sumsq_ptr, row, tile_n, stored, tok_mask, col_mask, chunks, BM: tl.constexpr,
+                 BN: tl.constexpr):
+    """The epilogue half of the next FFN-up's RMSNorm: per row, the sums of squares of the
+    ``stored`` tile (the values as written, in fp32) over each SUMSQ_CHUNK columns, at
+    ``sumsq[row, chunk]``. The FFN-up kernel adds a row's ``chunks`` partials instead of
+    reducing its A tiles across threads on every K step."""
+    v = tl.where(tok_mask[:, None] & col_mask[None, :], stored, 0.0)
+    parts = tl.sum(tl.reshape(v * v, (BM, BN // SUMSQ_CHUNK, SUMSQ_CHUNK)), axis=2)
+    chunk = tile_n * (BN // SUMSQ_CHUNK) + tl.arange(0, BN // SUMSQ_CHUNK)
+    tl.store(sumsq_ptr + row[:, None] * chunks + chunk[None, :], parts,
+             mask=tok_mask[:, None] & (chunk < chunks)[None, :])
 
 
 @triton.jit

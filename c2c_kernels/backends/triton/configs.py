@@ -27,6 +27,9 @@ AUTOTUNE = os.environ.get("C2C_TRITON_AUTOTUNE", "1") != "0"
 HOPPER = (
     (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (64, 32, 128, 4, 5),  # weight-streaming, small T
     (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 64, 64, 8, 4), (64, 128, 128, 4, 3),
+    # 96 KB of shared memory: two CTAs per SM where the kernel stays within 128 registers per
+    # thread (the FFN stages), so one CTA's pipeline fill overlaps the other's K loop.
+    (128, 128, 64, 8, 3),
 )
 AMPERE = (
     (64, 64, 64, 4, 4), (64, 32, 128, 4, 4), (64, 128, 32, 4, 4),
@@ -38,6 +41,10 @@ FP32 = ((64, 64, 32, 4, 3),)
 INTERPRETER = ((64, 64, 64, 4, 1),)
 
 GROUP_M = 8
+# K tile of the cache-gathering GEMM when a view is not 16-byte aligned (VEC=1): every element of
+# the A tile then carries its own 64-bit address, and 64- or 128-wide K tiles spill (ptxas: 255
+# registers and up to 5 KB of spills per thread on sm_90a).
+UNALIGNED_BK = 32
 LOGIT_BN = 128  # the head-logit stage's column tile: the output stage sums one partial per tile
 MERGE_BLOCK = (32, 128)  # the standalone merge is elementwise: (rows, columns) per program
 
@@ -101,6 +108,8 @@ def prune(configs_, named_args, **kwargs):
     family = "fp32" if size == 4 else "hopper" if hopper else "ampere"
     kept = [c for c in configs_ if family in getattr(c, "families", ())
             and _smem(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_stages, size) <= smem_limit]
+    if kwargs.get("SHARER_VEC") == 1 or kwargs.get("RECEIVER_VEC") == 1:
+        kept = _narrow_k(kept)
     bucket = named_args["m_bucket"]
     small = [c for c in kept if c.kwargs["BM"] == 64]
     large = [c for c in kept if c.kwargs["BM"] > 64]
@@ -110,7 +119,20 @@ def prune(configs_, named_args, **kwargs):
     return chosen if AUTOTUNE and not tiny else chosen[:1]
 
 
-def fixed(tokens: int, head_dim: int, device: torch.device, element_size: int) -> dict:
+def _narrow_k(configs_):
+    """The configs with their K tile cut to UNALIGNED_BK (shared memory only shrinks), deduplicated."""
+    out, seen = [], set()
+    for c in configs_:
+        key = (c.kwargs["BM"], c.kwargs["BN"], min(c.kwargs["BK"], UNALIGNED_BK), c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            narrowed = _config(*key)
+            narrowed.families = getattr(c, "families", set())
+            out.append(narrowed)
+    return out
+
+
+def fixed(tokens: int, head_dim: int, device: torch.device, element_size: int, vec: int = 8) -> dict:
     """One config without benchmarking, for the stage that writes the caches in place (the
     autotuner would apply the update once per timed run). Its column tile divides the head dim
     when it can, so the epilogue needs one head logit per token instead of one per column
@@ -121,7 +143,9 @@ def fixed(tokens: int, head_dim: int, device: torch.device, element_size: int) -
         bm, bn, bk, warps, stages = FP32[0]
     else:
         hopper, smem_limit = _device_limits(device)
-        bn = 128 if head_dim % 128 == 0 and tokens > 64 else 64
+        # Unaligned views (vec 1) gather the epilogue's receiver tile element by element:
+        # 128-wide column tiles spill there.
+        bn = 128 if head_dim % 128 == 0 and tokens > 64 and vec > 1 else 64
         if tokens <= 64:
             bm, bk, warps, stages = (64, 128, 4, 4) if hopper else (64, 64, 4, 4)
         else:

@@ -13,16 +13,17 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._common import ENTRY_FUSER, ENTRY_WIDTH, dense_gemm, mma, tile_coords
+from ._common import (ENTRY_FUSER, ENTRY_WIDTH, dense_gemm, mma, store_sum_sq, sum_sq_chunks, tile_coords,
+                      token_rows)
 
 
 @triton.jit(do_not_specialize=["tokens", "m_bucket"])  # one binary for every token count
 def ffn_down_kernel(
-    table_ptr, h_ptr, w_ptr, residual_ptr, out_ptr, head_w_ptr, logits_ptr,
-    tokens, width, k_in, heads, stride_w_f, stride_w_n, stride_w_k,
+    table_ptr, h_ptr, w_ptr, residual_ptr, out_ptr, head_w_ptr, logits_ptr, sumsq_ptr,
+    tokens, width, k_in, heads, sumsq_chunks, stride_w_f, stride_w_n, stride_w_k,
     stride_hw_f, stride_hw_h, stride_hw_k,
     m_bucket,  # autotuning key only
-    DOT_DTYPE: tl.constexpr, HEAD_LOGITS: tl.constexpr, HEADS_PAD: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, HEAD_LOGITS: tl.constexpr, SUM_SQ: tl.constexpr, HEADS_PAD: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     num_n = tl.cdiv(width, BN)
@@ -31,7 +32,7 @@ def ffn_down_kernel(
     tok = tile_m * BM + tl.arange(0, BM)
     cols = tile_n * BN + tl.arange(0, BN)
     tok_mask, col_mask = tok < tokens, cols < width
-    row = (entry * tokens + tok).to(tl.int64)
+    row = token_rows(entry, tokens, tok)
     h_rows = h_ptr + row[:, None] * k_in
     w = w_ptr + fuser * stride_w_f + cols[None, :] * stride_w_n
 
@@ -48,10 +49,13 @@ def ffn_down_kernel(
         # Round w to the activation dtype first, as every other stage input is.
         w_tile = acc.to(out_ptr.dtype.element_ty)
         partial = mma(w_tile, w_head, tl.zeros((BM, HEADS_PAD), dtype=tl.float32), DOT_DTYPE)
-        logit_rows = logits_ptr + ((entry * num_n + tile_n) * tokens + tok).to(tl.int64) * heads
+        logit_rows = logits_ptr + token_rows(entry.to(tl.int64) * num_n + tile_n, tokens, tok) * heads
         tl.store(logit_rows[:, None] + head[None, :], partial, mask=tok_mask[:, None] & head_mask[None, :])
     else:
-        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+        stored = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offsets, stored, mask=tile_mask)
+        if SUM_SQ:  # the next FFN-up normalises this output
+            store_sum_sq(sumsq_ptr, row, tile_n, stored.to(tl.float32), tok_mask, col_mask, sumsq_chunks, BM, BN)
 
 
 # Grid: one program per (entry, token tile, output tile), entry-major; tiles from the autotuner
@@ -67,15 +71,17 @@ def heads_pad(heads: int) -> int:
     return max(16, triton.next_power_of_2(heads))  # tl.dot needs 16 columns
 
 
-def launch(table, h, w, residual, out, *, dot_dtype):
-    """``out[e] = residual[e] + h[e] @ w[f]^T``; ``h [R, T, K]``, ``residual``/``out [R, T, N]``."""
+def launch(table, h, w, residual, out, sumsq=None, *, dot_dtype):
+    """``out[e] = residual[e] + h[e] @ w[f]^T``; ``h [R, T, K]``, ``residual``/``out [R, T, N]``;
+    with ``sumsq [R, T, sum_sq_chunks(N)]`` (fp32) also the partial sums of squares of ``out``."""
     entries, tokens, width = out.shape
 
     def grid(meta):
         return (entries * triton.cdiv(tokens, meta["BM"]) * triton.cdiv(width, meta["BN"]),)
 
-    _tuned[grid](table, h, w, residual, out, w, out, tokens, width, h.shape[2], 0, *w.stride(), 0, 0, 0,
-                 configs.token_bucket(tokens), DOT_DTYPE=dot_dtype, HEAD_LOGITS=False, HEADS_PAD=16)
+    _tuned[grid](table, h, w, residual, out, w, out, out if sumsq is None else sumsq, tokens, width, h.shape[2], 0,
+                 sum_sq_chunks(width), *w.stride(), 0, 0, 0, configs.token_bucket(tokens), DOT_DTYPE=dot_dtype,
+                 HEAD_LOGITS=False, SUM_SQ=sumsq is not None, HEADS_PAD=16)
 
 
 def launch_head_logits(table, h, w, residual, w_head, logits, *, dot_dtype):
@@ -87,6 +93,6 @@ def launch_head_logits(table, h, w, residual, w_head, logits, *, dot_dtype):
     def grid(meta):
         return (entries * triton.cdiv(tokens, meta["BM"]) * chunks,)
 
-    _tuned_logits[grid](table, h, w, residual, residual, w_head, logits, tokens, width, h.shape[2], heads,
-                        *w.stride(), *w_head.stride(), configs.token_bucket(tokens), DOT_DTYPE=dot_dtype,
-                        HEAD_LOGITS=True, HEADS_PAD=heads_pad(heads))
+    _tuned_logits[grid](table, h, w, residual, residual, w_head, logits, logits, tokens, width, h.shape[2], heads,
+                        0, *w.stride(), *w_head.stride(), configs.token_bucket(tokens), DOT_DTYPE=dot_dtype,
+                        HEAD_LOGITS=True, SUM_SQ=False, HEADS_PAD=heads_pad(heads))

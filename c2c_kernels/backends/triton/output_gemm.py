@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._common import (ENTRY_FUSER, ENTRY_RECEIVER, ENTRY_WIDTH, dense_gemm, head_columns, load_view, slot_rows,
-                      tile_coords)
+from ._common import (ENTRY_FUSER, ENTRY_RECEIVER, ENTRY_WIDTH, dense_gemm, head_columns, load_view,
+                      page_constexpr, slot_rows, tile_coords, token_rows)
 
 
 @triton.jit
@@ -29,7 +29,7 @@ def _head_logits(logits_ptr, head_bias, entry, tok, head, mask, tokens, heads, l
     per element of the result (the same shape as ``mask``)."""
     logit = tl.load(head_bias, mask=mask, other=0.0).to(tl.float32)
     for c in range(logit_chunks):
-        at = ((entry * logit_chunks + c) * tokens + tok).to(tl.int64) * heads + head
+        at = token_rows(entry.to(tl.int64) * logit_chunks + c, tokens, tok) * heads + head
         logit += tl.load(logits_ptr + at, mask=mask, other=0.0)
     return logit
 
@@ -38,12 +38,12 @@ def _head_logits(logits_ptr, head_bias, entry, tok, head, mask, tokens, heads, l
 def output_gemm_kernel(
     table_ptr, receiver_slots_ptr, p_ptr, w_ptr, bias_ptr, logits_ptr, head_bias_ptr, gate_ptr,
     projection_ptr, head_scale_ptr,
-    tokens, width, k_in, heads, head_dim, page_size, logit_chunks,
+    tokens, width, k_in, heads, page_size, logit_chunks,
     stride_w_f, stride_w_n, stride_w_k, stride_bias_f, stride_bias_n, stride_hb_f, stride_hb_h,
     m_bucket,  # autotuning key only
     WRITE_CACHE: tl.constexpr, ONE_HEAD: tl.constexpr, CACHE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    VEC: tl.constexpr, HEADS_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    VEC: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     entry, tile_m, tile_n = tile_coords(tl.program_id(0), tl.cdiv(tokens, BM), tl.cdiv(width, BN), GROUP_M)
     entry_row = table_ptr + entry * ENTRY_WIDTH
@@ -51,7 +51,8 @@ def output_gemm_kernel(
     tok = tile_m * BM + tl.arange(0, BM)
     cols = tile_n * BN + tl.arange(0, BN)
     tok_mask, col_mask = tok < tokens, cols < width
-    p_rows = p_ptr + (entry * tokens + tok).to(tl.int64)[:, None] * k_in
+    row = token_rows(entry, tokens, tok)
+    p_rows = p_ptr + row[:, None] * k_in
     w = w_ptr + fuser * stride_w_f + cols[None, :] * stride_w_n
 
     acc = dense_gemm(p_rows, w, stride_w_k, k_in, tok_mask, col_mask, BM, BN, BK, DOT_DTYPE)
@@ -63,25 +64,25 @@ def output_gemm_kernel(
     head_bias = head_bias_ptr + fuser * stride_hb_f
     if WRITE_CACHE:
         if ONE_HEAD:  # the tile lies inside one head: one logit per token
-            tile_head = tl.zeros((BM,), dtype=tl.int32) + (tile_n * BN) // head_dim
+            tile_head = tl.zeros((BM,), dtype=tl.int32) + (tile_n * BN) // HEAD_DIM
             logit = _head_logits(logits_ptr, head_bias + tile_head * stride_hb_h, entry, tok, tile_head,
                                  tok_mask, tokens, heads, logit_chunks)[:, None]
         else:  # the head of every column, gathered
-            col_head = tl.broadcast_to((cols // head_dim)[None, :], (BM, BN))
+            col_head = tl.broadcast_to((cols // HEAD_DIM)[None, :], (BM, BN))
             logit = _head_logits(logits_ptr, head_bias + col_head * stride_hb_h, entry,
                                  tl.broadcast_to(tok[:, None], (BM, BN)), col_head,
                                  tok_mask[:, None] & col_mask[None, :], tokens, heads, logit_chunks)
         slot = tl.load(receiver_slots_ptr + tok, mask=tok_mask, other=-1).to(tl.int64)
         base, r_page, r_entry, r_head = load_view(entry_row, ENTRY_RECEIVER, CACHE_DTYPE, VEC)
-        rows = slot_rows(slot, page_size, r_page, r_entry, VEC)
-        x_ptrs = base + rows[:, None] + head_columns(cols, head_dim, r_head, VEC)[None, :]
+        rows = slot_rows(slot, page_size, r_page, r_entry, PAGE_SIZE, VEC)
+        x_ptrs = base + rows[:, None] + head_columns(cols, r_head, HEAD_DIM, VEC)[None, :]
         write = ((slot >= 0) & gate_open)[:, None] & col_mask[None, :]
         x = tl.load(x_ptrs, mask=write, other=0.0).to(tl.float32)
         tl.store(x_ptrs, (x + tl.sigmoid(logit) * acc).to(CACHE_DTYPE), mask=write)
     else:
         # Skipped tokens' rows hold the bias and whatever the stages made of it: store zeros there.
         used = tl.load(receiver_slots_ptr + tok, mask=tok_mask, other=-1) >= 0
-        out = projection_ptr + (entry * tokens + tok).to(tl.int64)[:, None] * width + cols[None, :]
+        out = projection_ptr + row[:, None] * width + cols[None, :]
         tl.store(out, tl.where(used[:, None], acc, 0.0), mask=tok_mask[:, None] & col_mask[None, :])
         if tile_n == 0:
             head = tl.broadcast_to(tl.arange(0, HEADS_PAD)[None, :], (BM, HEADS_PAD))
@@ -90,7 +91,7 @@ def output_gemm_kernel(
                                  tl.broadcast_to(tok[:, None], (BM, HEADS_PAD)), head, mask, tokens, heads,
                                  logit_chunks)
             scale = tl.where((gate_open & used)[:, None], tl.sigmoid(logit), 0.0)
-            scale_rows = head_scale_ptr + (entry * tokens + tok).to(tl.int64)[:, None] * heads
+            scale_rows = head_scale_ptr + row[:, None] * heads
             tl.store(scale_rows + head, scale, mask=mask)
 
 
@@ -111,16 +112,17 @@ def launch(table, receiver_slots, receiver_view, p, weights, logits, *, cache_dt
     write_cache = projection is None
     args = (table, receiver_slots, p, w, bias, logits, head_bias, weights.gate_logit,
             p if write_cache else projection, p if write_cache else head_scale,
-            tokens, width, k_in, heads, receiver_view.shape[3], receiver_view.shape[1], logits.shape[1],
+            tokens, width, k_in, heads, receiver_view.shape[1], logits.shape[1],
             *w.stride(), *bias.stride(), *head_bias.stride(), configs.token_bucket(tokens))
     meta = dict(WRITE_CACHE=write_cache, ONE_HEAD=False, CACHE_DTYPE=cache_dtype, DOT_DTYPE=dot_dtype,
-                VEC=vec, HEADS_PAD=max(16, triton.next_power_of_2(heads)))
+                VEC=vec, HEADS_PAD=max(16, triton.next_power_of_2(heads)), HEAD_DIM=receiver_view.shape[3],
+                PAGE_SIZE=page_constexpr(receiver_view.shape[1]))
 
     def grid(m):
         return (entries * triton.cdiv(tokens, m["BM"]) * triton.cdiv(width, m["BN"]),)
 
     if write_cache:
-        fixed = configs.fixed(tokens, receiver_view.shape[3], p.device, p.element_size())
+        fixed = configs.fixed(tokens, receiver_view.shape[3], p.device, p.element_size(), vec)
         meta["ONE_HEAD"] = receiver_view.shape[3] % fixed["BN"] == 0
         output_gemm_kernel[grid(fixed)](*args, **meta, **fixed)
     else:

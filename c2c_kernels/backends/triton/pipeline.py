@@ -27,8 +27,8 @@ import torch
 import triton
 
 from ... import slots, workspace
-from . import cache_merge, configs, ffn_down, ffn_up, input_gemm, output_gemm, slot_prep, tables
-from ._common import TL_DTYPES, dot_dtype
+from . import cache_merge, configs, ffn_down, ffn_up, folded, input_gemm, output_gemm, slot_prep, tables
+from ._common import TL_DTYPES, dot_dtype, sum_sq_chunks
 
 
 def run(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, *,
@@ -39,6 +39,7 @@ def run(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, f
     hidden, inter, heads = weights.hidden_dim, weights.intermediate_dim, weights.receiver_heads
     cache_dtype, mma_dtype = TL_DTYPES[dtype], dot_dtype(dtype)
     entry = tables.entry_table(receiver_caches, sharer_caches, fusers)
+    fold = folded.folded(weights)  # W_1 diag(norm gain), cached per checkpoint
     table = entry.rows
     # Kernel arguments, not table rows: the tables are cached by address, the slots change per call.
     receiver_slots, sharer_slots = slot_prep.prepare(
@@ -50,28 +51,34 @@ def run(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, f
     inner = workspace.empty(entries * tokens * max(inter, hidden), dtype=dtype, device=device)
     h_ffn = inner[:entries * tokens * inter].view(entries, tokens, inter)
     h_head = inner[:entries * tokens * hidden].view(entries, tokens, hidden)
+    # Per-32-column partial sums of squares of u and z, written by the stage that writes them
+    # (the input GEMM, FFN-down), read by the FFN-up that normalises them.
+    u_sq = workspace.empty(entries, tokens, sum_sq_chunks(hidden), dtype=torch.float32, device=device)
+    z_sq = workspace.empty(entries, tokens, sum_sq_chunks(hidden), dtype=torch.float32, device=device)
     logits = workspace.empty(entries, triton.cdiv(hidden, configs.LOGIT_BN), tokens, heads,
                              dtype=torch.float32, device=device)
 
-    input_gemm.launch(table, receiver_slots, sharer_slots, receiver_caches[0], sharer_caches[0], weights, u,
+    input_gemm.launch(table, receiver_slots, sharer_slots, receiver_caches[0], sharer_caches[0], weights, u, u_sq,
                       cache_dtype=cache_dtype, dot_dtype=mma_dtype, receiver_vec=entry.receiver_vec,
                       sharer_vec=entry.sharer_vec)
 
     def ffn_block(block, source, target):
-        ffn_up.launch(table, source, weights.ffn_norm[:, block], weights.ffn_w1[:, block], h_ffn,
-                      dot_dtype=mma_dtype)
-        ffn_down.launch(table, h_ffn, weights.ffn_w2[:, block], source, target, dot_dtype=mma_dtype)
+        # The last projection block's output only feeds the output GEMM: no norm follows it.
+        norm_follows = block == 0 or block < weights.num_blocks - 1
+        ffn_up.launch(table, source[0], source[1], fold.ffn_w1[:, block], h_ffn, dot_dtype=mma_dtype)
+        ffn_down.launch(table, h_ffn, weights.ffn_w2[:, block], source[0], target[0],
+                        target[1] if norm_follows else None, dot_dtype=mma_dtype)
 
-    ffn_block(0, u, z)
-    ffn_up.launch(table, z, weights.head_norm, weights.head_w1, h_head, dot_dtype=mma_dtype)
+    ffn_block(0, (u, u_sq), (z, z_sq))
+    ffn_up.launch(table, z, z_sq, fold.head_w1, h_head, dot_dtype=mma_dtype)
     ffn_down.launch_head_logits(table, h_head, weights.head_w2, z, weights.w_head, logits,
                                 dot_dtype=mma_dtype)
-    current, spare = z, u
+    current, spare = (z, z_sq), (u, u_sq)
     for block in range(1, weights.num_blocks):
         ffn_block(block, current, spare)
         current, spare = spare, current
 
-    output_gemm.launch(table, receiver_slots, receiver_caches[0], current, weights, logits,
+    output_gemm.launch(table, receiver_slots, receiver_caches[0], current[0], weights, logits,
                        cache_dtype=cache_dtype, dot_dtype=mma_dtype, vec=entry.receiver_vec,
                        projection=projection, head_scale=head_scale)
 
