@@ -70,6 +70,22 @@ def may_overlap(a: Tensor, b: Tensor, ext_a=None, ext_b=None) -> bool:
     return rem != 0 or _reachable(delta, dims)
 
 
+def outside_storage(views: Sequence[Tensor]) -> int | None:
+    """Index of the first view that reaches past the end of its storage (the storage was resized
+    smaller after the view was made, which torch does not check again), else ``None``. The
+    views share one shape and dtype (the op layer checked that first)."""
+    shape, es = views[0].shape, views[0].element_size()
+    span_of = {}
+    for i, v in enumerate(views):
+        st = v.stride()
+        span = span_of.get(st)
+        if span is None:
+            span = span_of[st] = (sum((n - 1) * x for x, n in zip(st, shape)) + 1) * es
+        if v.storage_offset() * es + span > v.untyped_storage().nbytes():
+            return i
+    return None
+
+
 class _Extents:
     """Byte extents of views of one pool geometry; per-stride work is done once per distinct
     stride tuple (a call's K and V views usually share one), so a view costs two attribute reads."""

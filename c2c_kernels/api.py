@@ -4,10 +4,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers torch.ops.c2c)
+from . import ops  # registers torch.ops.c2c; ops.call_* run them at the least host cost
 from .checkpoint import Checkpoint, FuserParams
 
 KV = Sequence[Tensor]  # (keys view, values view) of one layer
@@ -36,8 +35,8 @@ def fuse(receiver_k: Tensor, receiver_v: Tensor, sharer_k: Tensor, sharer_v: Ten
     if params.value_open:
         receivers.append(receiver_v), sharers.append(sharer_v), fusers.append(params.value_fuser)
     if fusers:
-        torch.ops.c2c.fuse(receivers, sharers, receiver_slots, sharer_slots, list(params.weights),
-                           fusers, backend, check_slots)
+        ops.call_fuse(receivers, sharers, receiver_slots, sharer_slots, params.weights, fusers, backend,
+                      check_slots)
 
 
 def _plan(ckpt: Checkpoint, sharer: int | None):
@@ -47,17 +46,25 @@ def _plan(ckpt: Checkpoint, sharer: int | None):
 
 
 def _entries(plan, receiver_kv, sharer_kv):
-    receivers, sharers = [], []
-    for receiver_layer, side, sharer_layer, _ in plan:
+    try:
+        receivers = [receiver_kv[layer][side] for layer, side, _, _ in plan]
+        sharers = [sharer_kv[layer][side] for _, side, layer, _ in plan]
+    except (IndexError, KeyError) as e:
+        error = e
+    else:
+        return receivers, sharers, [entry[3] for entry in plan]
+    _check_layers(plan, receiver_kv, sharer_kv)  # the named error when a layer the checkpoint fuses is missing
+    raise error
+
+
+def _check_layers(plan, receiver_kv, sharer_kv) -> None:
+    for receiver_layer, _, sharer_layer, _ in plan:
         if receiver_layer >= len(receiver_kv):
             raise ValueError(f"receiver_kv: the checkpoint fuses receiver layer {receiver_layer}, "
                              f"but only {len(receiver_kv)} layers were given")
         if sharer_layer >= len(sharer_kv):
             raise ValueError(f"sharer_kv: the checkpoint reads sharer layer {sharer_layer}, "
                              f"but only {len(sharer_kv)} layers were given")
-        receivers.append(receiver_kv[receiver_layer][side])
-        sharers.append(sharer_kv[sharer_layer][side])
-    return receivers, sharers, [entry[3] for entry in plan]
 
 
 def fuse_all(ckpt: Checkpoint | Sequence[Checkpoint], receiver_kv: Sequence[KV],
@@ -78,8 +85,8 @@ def fuse_all(ckpt: Checkpoint | Sequence[Checkpoint], receiver_kv: Sequence[KV],
     if isinstance(ckpt, Checkpoint):
         for round_ in _plan(ckpt, sharer):
             receivers, sharers, fusers = _entries(round_, receiver_kv, sharer_kv)
-            torch.ops.c2c.fuse(receivers, sharers, receiver_slots, sharer_slots, list(ckpt.weights),
-                               fusers, backend, check_slots)
+            ops.call_fuse(receivers, sharers, receiver_slots, sharer_slots, ckpt.weights, fusers, backend,
+                          check_slots)
         return
     ckpts = list(ckpt)
     if mode not in ("parallel", "sequential"):
@@ -98,8 +105,8 @@ def fuse_all(ckpt: Checkpoint | Sequence[Checkpoint], receiver_kv: Sequence[KV],
     for c, kv, slots in zip(ckpts, sharer_kv, sharer_slots):
         for round_ in _plan(c, None):
             receivers, sharers, fusers = _entries(round_, receiver_kv, kv)
-            projection, head_scale = torch.ops.c2c.project(
-                receivers, sharers, receiver_slots, slots, list(c.weights), fusers, backend, check_slots)
+            projection, head_scale = ops.call_project(
+                receivers, sharers, receiver_slots, slots, c.weights, fusers, backend, check_slots)
             for row, (receiver_layer, side, _, _) in enumerate(round_):
                 contributions[(receiver_layer, side)].append((projection[row], head_scale[row]))
     groups = defaultdict(list)
@@ -108,19 +115,18 @@ def fuse_all(ckpt: Checkpoint | Sequence[Checkpoint], receiver_kv: Sequence[KV],
     for keys in groups.values():
         caches = [receiver_kv[layer][side] for layer, side in keys]
         parts = [part for key in keys for part in contributions[key]]
-        torch.ops.c2c.merge(caches, receiver_slots, [p for p, _ in parts], [a for _, a in parts],
-                            backend, check_slots)
+        ops.call_merge(caches, receiver_slots, [p for p, _ in parts], [a for _, a in parts], backend,
+                       check_slots)
 
 
 def project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, *,
             backend: str = "auto", check_slots: bool = False):
     """``(projection [R, T, Ht*Dt], head_scale [R, T, Ht])`` in fp32, without writing the cache."""
-    return torch.ops.c2c.project(list(receiver_caches), list(sharer_caches), receiver_slots, sharer_slots,
-                                 list(weights), list(fusers), backend, check_slots)
+    return ops.call_project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
+                            backend, check_slots)
 
 
 def merge(receiver_caches, receiver_slots, projections, head_scales, *, backend: str = "auto",
           check_slots: bool = False) -> None:
     """Add ``head_scale * projection`` of one or more sharers into the receiver views, in place."""
-    torch.ops.c2c.merge(list(receiver_caches), receiver_slots, list(projections), list(head_scales),
-                        backend, check_slots)
+    ops.call_merge(receiver_caches, receiver_slots, projections, head_scales, backend, check_slots)

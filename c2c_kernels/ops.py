@@ -15,6 +15,12 @@ through one call:
 Cache views are ``[page, entry, head, dim]`` with any strides but a unit last stride; slot
 ``s`` is page ``s // size(1)``, entry ``s % size(1)``; a negative receiver slot is padding.
 All errors are raised here, before a backend runs.
+
+Host cost: what the checks read from the cache views and weights is fingerprinted in one
+native call (``c2c_kernels._C.fingerprint``) and the outcome kept per fingerprint, so a call on
+views already checked re-checks only its slots; and :func:`call_fuse` / :func:`call_project` /
+:func:`call_merge` (what :mod:`c2c_kernels.api` calls) run the op's implementation directly when
+nothing needs the dispatcher (eager, plain tensors, no mode, tracer, profiler or autograd).
 """
 from __future__ import annotations
 
@@ -35,6 +41,65 @@ SLOT_DTYPES = (torch.int32, torch.int64)
 
 def _fail(msg: str):
     raise ValueError(msg)
+
+
+# ---- the check cache -------------------------------------------------------------------------
+# The checks of the views and weights are pure functions of what the fingerprint describes (per
+# tensor: dtype, device, sizes, strides, address, storage and its size; the fuser indices), so a
+# fingerprint equal to one that passed passes again, whatever objects carry it: nothing is
+# trusted by identity. Only fingerprints are kept (never tensors, so no memory is held alive).
+
+def _native_helpers():
+    try:
+        from . import _C
+    except ImportError:  # not built: every call takes the full checks and the dispatcher
+        return None, None
+    return getattr(_C, "fingerprint", None), getattr(_C, "dispatch_is_plain", None)
+
+
+_fingerprint, _dispatch_is_plain = _native_helpers()
+
+
+class _CheckCache:
+    """Fingerprints of arguments that passed the view and weight checks -> what the checks found."""
+
+    def __init__(self, size: int = 64):
+        self.size, self.entries = size, {}
+
+    def get(self, key):
+        """The checks' finding for ``key`` (``(hash, description)`` or None), else None."""
+        if key is None:
+            return None
+        hit = self.entries.get(key[0])
+        return hit[1] if hit is not None and hit[0] == key[1] else None
+
+    def put(self, key, found) -> None:
+        if key is not None:
+            if len(self.entries) >= self.size:
+                self.entries.clear()  # bounded, and safe against a concurrent put
+            self.entries[key[0]] = (key[1], found)
+
+
+_FUSE_CHECKED = _CheckCache()   # fuse and project: found = whether sharer views overlap receiver views
+_MERGE_CHECKED = _CheckCache()  # merge: found = True
+
+
+def clear_check_cache() -> None:
+    """Forget every checked fingerprint (the next calls run every check)."""
+    _FUSE_CHECKED.entries.clear()
+    _MERGE_CHECKED.entries.clear()
+
+
+def _fuse_key(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, check_slots):
+    if _fingerprint is None or check_slots:
+        return None
+    return _fingerprint((weights, receiver_caches, sharer_caches), fusers, (receiver_slots, sharer_slots))
+
+
+def _merge_key(receiver_caches, receiver_slots, projections, head_scales, check_slots):
+    if _fingerprint is None or check_slots:
+        return None
+    return _fingerprint((receiver_caches,), (), (receiver_slots, *projections, *head_scales))
 
 
 def check_weights(weights: Sequence[Tensor]) -> FuserWeights:
@@ -116,6 +181,15 @@ def _check_pool(name: str, view: Tensor) -> None:
               f"a pool needs at least one page and a page size >= 1")
 
 
+def _check_inside_storage(name: str, views: Sequence[Tensor]) -> None:
+    i = aliasing.outside_storage(views)
+    if i is not None:
+        v = views[i]
+        _fail(f"{name}[{i}]: the view (offset {v.storage_offset()}, shape {list(v.shape)}, strides "
+              f"{list(v.stride())}) reaches past the end of its storage ({v.untyped_storage().nbytes()} bytes): "
+              f"was the storage resized after the view was made?")
+
+
 def _check_receivers_disjoint(name: str, views: Sequence[Tensor]):
     """Receiver views are written: no view may alias itself (e.g. expanded, stride 0) and no two
     may share memory, or one entry would read rows another has already written. Returns the
@@ -155,13 +229,30 @@ def _is_fake(t: Tensor) -> bool:
 def check_fuse_args(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
                     *, check_slots: bool = False) -> FuserWeights:
     """Every documented check of c2c::fuse / c2c::project; returns the weights as FuserWeights."""
+    key = _fuse_key(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, check_slots)
     return _check_fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
-                       check_slots)[0]
+                       check_slots, key)[0]
 
 
-def _check_fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, check_slots):
+def _check_call_slots(receiver_slots, sharer_slots, device) -> None:
+    """The checks that depend on the slots (new every call, so never cached)."""
+    _check_slots("receiver_slots", receiver_slots, device)
+    _check_slots("sharer_slots", sharer_slots, device)
+    if sharer_slots.shape[0] != receiver_slots.shape[0]:
+        _fail(f"sharer_slots: {sharer_slots.shape[0]} slots, expected one per receiver slot "
+              f"({receiver_slots.shape[0]})")
+
+
+def _check_fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, check_slots, key):
     """``(weights, sharers_overlap)``: the checks, and whether a sharer view shares memory with a
-    receiver view (then corrections must all be computed before any row is written)."""
+    receiver view (then corrections must all be computed before any row is written). ``key``:
+    the arguments' fingerprint (:func:`_fuse_key`); when it passed before, only the slots are
+    checked (the rest would give the same answer)."""
+    overlap = _FUSE_CHECKED.get(key)
+    if overlap is not None:
+        w = FuserWeights(*weights)
+        _check_call_slots(receiver_slots, sharer_slots, w.device)
+        return w, overlap
     w = check_weights(weights)
     r = len(receiver_caches)
     if len(sharer_caches) != r or len(fusers) != r:
@@ -173,24 +264,29 @@ def _check_fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, we
         _fail(f"fusers[{i}] = {f} is out of range: the weights stack {p} fusers")
     _check_views("receiver_caches", receiver_caches, w.dtype, w.device, w.receiver_heads, w.receiver_width)
     _check_views("sharer_caches", sharer_caches, w.dtype, w.device, None, w.sharer_width)
-    _check_slots("receiver_slots", receiver_slots, w.device)
-    _check_slots("sharer_slots", sharer_slots, w.device)
-    if sharer_slots.shape[0] != receiver_slots.shape[0]:
-        _fail(f"sharer_slots: {sharer_slots.shape[0]} slots, expected one per receiver slot "
-              f"({receiver_slots.shape[0]})")
+    _check_call_slots(receiver_slots, sharer_slots, w.device)
     if r:
         _check_pool("receiver_caches[0]", receiver_caches[0])
         _check_pool("sharer_caches[0]", sharer_caches[0])
     overlap = False
     if r and not _is_fake(receiver_caches[0]):
+        _check_inside_storage("receiver_caches", receiver_caches)
+        _check_inside_storage("sharer_caches", sharer_caches)
         ext = _check_receivers_disjoint("receiver_caches", receiver_caches)
         overlap = aliasing.any_cross_overlap(sharer_caches, receiver_caches, ext)
         if check_slots:
             check_slot_ranges(receiver_caches, sharer_caches, receiver_slots, sharer_slots)
+    _FUSE_CHECKED.put(key, overlap)
     return w, overlap
 
 
 def check_merge_args(receiver_caches, receiver_slots, projections, head_scales, *, check_slots=False) -> int:
+    key = _merge_key(receiver_caches, receiver_slots, projections, head_scales, check_slots)
+    return _check_merge(receiver_caches, receiver_slots, projections, head_scales, check_slots, key)
+
+
+def _check_merge(receiver_caches, receiver_slots, projections, head_scales, check_slots, key) -> int:
+    """The checks of c2c::merge; returns S. ``key`` as in :func:`_check_fuse` (the receiver views)."""
     r = len(receiver_caches)
     if r == 0:
         return 0
@@ -198,12 +294,15 @@ def check_merge_args(receiver_caches, receiver_slots, projections, head_scales, 
         _fail(f"projections and head_scales: expected S * {r} entries each (S sharers per receiver "
               f"entry), got {len(projections)} and {len(head_scales)}")
     rc0 = receiver_caches[0]
-    if not isinstance(rc0, Tensor) or rc0.dim() != 4:
-        _fail("receiver_caches[0]: expected a 4-D [page, entry, head, dim] view")
+    checked = _MERGE_CHECKED.get(key)
+    if not checked:
+        if not isinstance(rc0, Tensor) or rc0.dim() != 4:
+            _fail("receiver_caches[0]: expected a 4-D [page, entry, head, dim] view")
+        if rc0.dtype not in CACHE_DTYPES:
+            _fail(f"receiver_caches[0]: dtype {rc0.dtype} is not supported (expected one of {list(CACHE_DTYPES)})")
+        ht, dt = rc0.shape[2], rc0.shape[3]
+        _check_views("receiver_caches", receiver_caches, rc0.dtype, rc0.device, ht, ht * dt)
     ht, dt = rc0.shape[2], rc0.shape[3]
-    if rc0.dtype not in CACHE_DTYPES:
-        _fail(f"receiver_caches[0]: dtype {rc0.dtype} is not supported (expected one of {list(CACHE_DTYPES)})")
-    _check_views("receiver_caches", receiver_caches, rc0.dtype, rc0.device, ht, ht * dt)
     _check_slots("receiver_slots", receiver_slots, rc0.device)
     t = receiver_slots.shape[0]
     for i, (p, a) in enumerate(zip(projections, head_scales)):
@@ -214,11 +313,14 @@ def check_merge_args(receiver_caches, receiver_slots, projections, head_scales, 
         if p.dtype != torch.float32 or a.dtype != torch.float32:
             _fail(f"projections[{i}]/head_scales[{i}]: expected float32 (as c2c::project returns), "
                   f"got {p.dtype}/{a.dtype}")
-    _check_pool("receiver_caches[0]", rc0)
-    if not _is_fake(rc0):
-        _check_receivers_disjoint("receiver_caches", receiver_caches)
-        if check_slots:
-            check_slot_ranges(receiver_caches, [], receiver_slots, None)
+    if not checked:
+        _check_pool("receiver_caches[0]", rc0)
+        if not _is_fake(rc0):
+            _check_inside_storage("receiver_caches", receiver_caches)
+            _check_receivers_disjoint("receiver_caches", receiver_caches)
+            if check_slots:
+                check_slot_ranges(receiver_caches, [], receiver_slots, None)
+        _MERGE_CHECKED.put(key, True)
     return len(projections) // r
 
 
@@ -241,8 +343,14 @@ _LIB.define(
 
 def _fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, backend="auto",
           check_slots=False) -> None:
+    key = _fuse_key(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, check_slots)
+    _run_fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, backend, check_slots, key)
+
+
+def _run_fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, backend, check_slots,
+              key) -> None:
     w, overlap = _check_fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
-                             check_slots)
+                             check_slots, key)
     if receiver_caches and receiver_slots.numel():
         module = backends.resolve(backend, w.device)
         if overlap:
@@ -272,8 +380,15 @@ def _fuse_fake(receiver_caches, sharer_caches, receiver_slots, sharer_slots, wei
 
 def _project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, backend="auto",
              check_slots=False):
-    w = check_fuse_args(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
-                        check_slots=check_slots)
+    key = _fuse_key(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, check_slots)
+    return _run_project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, backend,
+                        check_slots, key)
+
+
+def _run_project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, backend,
+                 check_slots, key):
+    w, _ = _check_fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
+                       check_slots, key)
     project = _backend_project(backends.resolve(backend, w.device), w.device)
     return project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, w, list(fusers))
 
@@ -281,13 +396,22 @@ def _project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weigh
 def _project_fake(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
                   backend="auto", check_slots=False):
     w = check_fuse_args(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers)
-    t, r = receiver_slots.shape[0], len(fusers)
+    return _project_outputs(receiver_slots, w, len(fusers))
+
+
+def _project_outputs(receiver_slots, w: FuserWeights, r: int):
+    t = receiver_slots.shape[0]
     return (receiver_slots.new_empty((r, t, w.receiver_width), dtype=torch.float32),
             receiver_slots.new_empty((r, t, w.receiver_heads), dtype=torch.float32))
 
 
 def _merge(receiver_caches, receiver_slots, projections, head_scales, backend="auto", check_slots=False) -> None:
-    check_merge_args(receiver_caches, receiver_slots, projections, head_scales, check_slots=check_slots)
+    key = _merge_key(receiver_caches, receiver_slots, projections, head_scales, check_slots)
+    _run_merge(receiver_caches, receiver_slots, projections, head_scales, backend, check_slots, key)
+
+
+def _run_merge(receiver_caches, receiver_slots, projections, head_scales, backend, check_slots, key) -> None:
+    _check_merge(receiver_caches, receiver_slots, projections, head_scales, check_slots, key)
     if receiver_caches and receiver_slots.numel():
         device = receiver_caches[0].device
         merge = _backend_merge(backends.resolve(backend, device), device)
@@ -297,6 +421,73 @@ def _merge(receiver_caches, receiver_slots, projections, head_scales, backend="a
 def _merge_fake(receiver_caches, receiver_slots, projections, head_scales, backend="auto", check_slots=False):
     compat.refuse_inductor_on_broken_torch(torch.ops.c2c.merge.default)
     check_merge_args(receiver_caches, receiver_slots, projections, head_scales)
+
+
+# ---- calling the ops -------------------------------------------------------------------------
+# Going through the dispatcher costs ~30 us for a 48-entry call (it converts every list to C++
+# and back) and, in plain eager code, does nothing else for these ops: they have no autograd
+# formula and one Python kernel for every device. So the Python API calls the checked
+# implementation directly when the dispatcher could not do anything different: not tracing or
+# compiling, no torch function or dispatch mode, functorch transform or profiler active, and
+# every tensor a plain dense CPU/CUDA/meta tensor that does not require grad (the fingerprint
+# is None otherwise). Everything else (torch.compile, opcheck, fake and functional tensors)
+# goes through the registered ops as before.
+
+def _direct(backend, check_slots) -> bool:
+    """Whether an eager call may skip the dispatcher (the tensors are checked by the fingerprint)."""
+    return not (torch.compiler.is_compiling() or _fingerprint is None or check_slots
+                or type(backend) is not str or torch._C._is_torch_function_mode_enabled()
+                or torch._C._autograd._profiler_enabled() or not _dispatch_is_plain())
+
+
+def call_fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, backend="auto",
+              check_slots=False) -> None:
+    """``torch.ops.c2c.fuse(...)`` at the least host cost (see above); the same checks and result."""
+    if _direct(backend, check_slots):
+        key = _fingerprint((weights, receiver_caches, sharer_caches), fusers, (receiver_slots, sharer_slots))
+        if key is not None:
+            receiver_caches, sharer_caches = list(receiver_caches), list(sharer_caches)
+            if receiver_slots.device.type == "meta":  # the meta kernel's work: the checks
+                _check_fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, False, key)
+                return
+            _run_fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, backend,
+                      False, key)
+            return
+    torch.ops.c2c.fuse(list(receiver_caches), list(sharer_caches), receiver_slots, sharer_slots, list(weights),
+                       list(fusers), backend, check_slots)
+
+
+def call_project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, backend="auto",
+                 check_slots=False):
+    """``torch.ops.c2c.project(...)`` at the least host cost."""
+    if _direct(backend, check_slots):
+        key = _fingerprint((weights, receiver_caches, sharer_caches), fusers, (receiver_slots, sharer_slots))
+        if key is not None:
+            receiver_caches, sharer_caches = list(receiver_caches), list(sharer_caches)
+            if receiver_slots.device.type == "meta":
+                w, _ = _check_fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
+                                   False, key)
+                return _project_outputs(receiver_slots, w, len(fusers))
+            return _run_project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers,
+                                backend, False, key)
+    return torch.ops.c2c.project(list(receiver_caches), list(sharer_caches), receiver_slots, sharer_slots,
+                                 list(weights), list(fusers), backend, check_slots)
+
+
+def call_merge(receiver_caches, receiver_slots, projections, head_scales, backend="auto", check_slots=False) -> None:
+    """``torch.ops.c2c.merge(...)`` at the least host cost."""
+    if _direct(backend, check_slots):
+        projections, head_scales = list(projections), list(head_scales)
+        key = _fingerprint((receiver_caches,), (), (receiver_slots, *projections, *head_scales))
+        if key is not None:
+            receiver_caches = list(receiver_caches)
+            if receiver_slots.device.type == "meta":
+                _check_merge(receiver_caches, receiver_slots, projections, head_scales, False, key)
+                return
+            _run_merge(receiver_caches, receiver_slots, projections, head_scales, backend, False, key)
+            return
+    torch.ops.c2c.merge(list(receiver_caches), receiver_slots, list(projections), list(head_scales), backend,
+                        check_slots)
 
 
 for _name, _impl, _fake in (("fuse", _fuse, _fuse_fake), ("project", _project, _project_fake),

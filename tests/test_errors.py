@@ -157,3 +157,20 @@ def test_errors_leave_caches_untouched(case):
         call(case, fusers=[0, 1, 2, 99])
     for got, was in zip(case.receiver.storage, before):
         assert torch.equal(got, was)
+
+
+def test_view_past_the_end_of_a_shrunk_storage(case):
+    """torch does not re-check a view when its storage is resized smaller: the kernels would read
+    and write past the end of the allocation. Refused, for receivers and sharers, fuse and merge."""
+    rk = case.receiver_caches
+    rk[1].untyped_storage().resize_(rk[1].untyped_storage().nbytes() // 2)
+    with pytest.raises(ValueError, match=r"receiver_caches\[1\]: the view .* reaches past the end of its storage"):
+        call(case)
+    proj = torch.zeros(case.receiver_slots.numel(), 32)
+    scale = torch.zeros(case.receiver_slots.numel(), 4)
+    with pytest.raises(ValueError, match=r"receiver_caches\[1\]: the view .* reaches past the end of its storage"):
+        c2c.merge(rk[:2], case.receiver_slots, [proj, proj], [scale, scale])
+    fresh = make_case(seed=22)
+    fresh.sharer_caches[3].untyped_storage().resize_(0)  # layer 1: K and V share one pool
+    with pytest.raises(ValueError, match=r"sharer_caches\[2\]: the view .* reaches past the end of its storage \(0 bytes\)"):
+        call(fresh)
