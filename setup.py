@@ -66,7 +66,8 @@ setup(
         "bench": ["matplotlib", "tqdm"],
         "hf": ["transformers>=4.51", "tokenizers"],  # tested with 4.51.3 and 5.24.0
     },
-    entry_points={"console_scripts": ["c2c-bench=c2c_kernels.bench:main"]},
+    entry_points={"console_scripts": ["c2c-bench=c2c_kernels.bench:main",
+                                     "c2c-train=c2c_kernels.training.cli:main"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
