@@ -193,7 +193,7 @@ def test_fuse_realistic_widths(backend, device, dtype):
 @pytest.mark.parametrize("backend,device", TARGETS)
 def test_fuse_many_entries_and_token_chunks(backend, device, monkeypatch):
     """More entries than one launch's parameter block holds, and a workspace small enough to
-    split the tokens into chunks (the minimum chunk is 256 tokens)."""
+    split the tokens into chunks (597 tokens: as many chunks as 256-token ones, 3 of 199)."""
     monkeypatch.setenv("C2C_CUDA_WORKSPACE_BYTES", "1")
     case = make_case(layout="sglang", device=device, seed=17, layers=34, hidden=32, intermediate=16,
                      seq_lens=(300, 290), padding=7)
@@ -338,3 +338,118 @@ def test_native_refuses_rows_wider_than_the_row_kernel(backend, device):
     case = make_case(device=device, seed=34, layers=1, hidden=8193, intermediate=8, seq_lens=(2,), padding=0)
     with pytest.raises(RuntimeError, match="hidden width 8193 is above the CUDA backend's limit of 8192"):
         _native(backend).fuse(*case.args())
+
+
+# ---- the input GEMM over [S; X], the row epilogue's two kernels, the chunk plan ------------------
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+@pytest.mark.parametrize("hidden,dtype", [(36, torch.bfloat16), (200, torch.float16), (512, torch.bfloat16),
+                                          (264, torch.float32)], ids=["36-bf16", "200-fp16", "512-bf16", "264-fp32"])
+def test_fuse_row_epilogue_paths(backend, device, hidden, dtype):
+    """Rows of whole 16-byte vectors take the warp-per-row epilogue with 1, 2 or 4 vectors per
+    lane (some lanes idle, and warps past the last token); a width that is not (36 bf16) takes
+    the block-per-row one."""
+    case = make_case(device=device, dtype=dtype, seed=40, layers=1, hidden=hidden, intermediate=24,
+                     seq_lens=(5, 2), padding=2)
+    check_fuse(backend, case, dtype)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_fuse_sees_in_place_weight_updates(backend, device):
+    """The [S; X] GEMM's concatenated W_in is kept per weight stack between calls: an in-place
+    update of either half (an optimizer step, a reload) must reach the next call."""
+    case = make_case(device=device, seed=41)
+    torch.ops.c2c.fuse(*case.args(), backend, False)
+    with torch.no_grad():
+        case.weights.w_in_sharer.mul_(-0.5)
+        case.weights.w_in_receiver.add_(0.25)
+    check_fuse(backend, case, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_fuse_w_in_as_one_tensor(backend, device):
+    """W_in's halves as column slices of one [P, H, Ks + Kt] tensor: the GEMM reads it in place."""
+    case = make_case(device=device, seed=42, dtype=torch.bfloat16)
+    w = case.weights
+    joined = torch.cat([w.w_in_sharer, w.w_in_receiver], 2)
+    ks = w.w_in_sharer.shape[2]
+    case.weights = w._replace(w_in_sharer=joined[..., :ks], w_in_receiver=joined[..., ks:])
+    check_fuse(backend, case, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend,device", TARGETS)
+def test_fuse_inference_tensor_weights(backend, device):
+    """Weights made under torch.inference_mode() carry no version counter, so no concatenated
+    W_in is kept for them: the input GEMM runs as two over the same [S; X] rows."""
+    case = make_case(device=device, seed=43)
+    with torch.inference_mode():
+        case.weights = type(case.weights)(*(t.clone() for t in case.weights))
+    check_fuse(backend, case, torch.float32)
+
+
+@pytest.mark.skipif(_emulator_skip_reason() is not None, reason=str(_emulator_skip_reason()))
+def test_workspace_runs_16384_tokens_in_two_chunks(monkeypatch):
+    """The first benchmark workload (24 layers x K and V, sharer 2x64, receiver 8x128,
+    H = I = 1024, bf16) at 16384 tokens: at most 2 chunks on GPUs of 80 GB and more (each chunk
+    re-reads every weight), with the workspace capped at 1/16 of the device and at 6 GiB."""
+    monkeypatch.delenv("C2C_CUDA_WORKSPACE_BYTES", raising=False)
+    plan = backends.get("cuda_emulator").chunk_plan
+    for memory in (80 * 10**9, 141 * 10**9, 0):  # 0: unknown (the emulator), the cap alone
+        tokens, chunks, workspace = plan(48, 16384, 128, 1024, 1024, 1024, 8, 2, memory)
+        assert chunks <= 2 and tokens == -(-16384 // chunks), (memory, tokens, chunks)  # even chunks
+        assert workspace <= min(6 << 30, memory // 16 or 6 << 30), (memory, workspace)
+    tokens, chunks, workspace = plan(48, 16384, 128, 1024, 1024, 1024, 8, 2, 24 * 10**9)
+    assert workspace <= 24 * 10**9 // 16 and chunks * tokens >= 16384
+    monkeypatch.setenv("C2C_CUDA_WORKSPACE_BYTES", "1")  # the override; chunks of 256 tokens at the least
+    assert plan(48, 16384, 128, 1024, 1024, 1024, 8, 2, 0)[:2] == (256, 64)
+    assert plan(48, 597, 128, 1024, 1024, 1024, 8, 2, 0)[:2] == (199, 3)
+
+
+@requires_cuda_backend
+def test_cuda_graph_capture_with_weights_first_seen_in_capture():
+    """Weights no eager call has seen: the capture makes no concatenated W_in (no allocation
+    while capturing) and runs the input GEMM as two; replays match the reference."""
+    case = make_case(layout="vllm_nhd", dtype=torch.bfloat16, device="cuda", seed=44, padding=2)
+    warm = make_case(layout="vllm_nhd", dtype=torch.bfloat16, device="cuda", seed=45, padding=2)
+    start = [t.clone() for t in case.receiver.storage]
+    expected = case.clone_receiver()
+    reference.fuse(expected.receiver_caches, expected.sharer_caches, expected.receiver_slots,
+                   expected.sharer_slots, expected.weights, expected.fusers)
+    side = torch.cuda.Stream()  # warm up (cuBLAS handles, allocator) with other weights
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.ops.c2c.fuse(*warm.args(), "cuda", False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.c2c.fuse(*case.args(), "cuda", False)
+    restore(case.receiver.storage, start)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(case.receiver.storage, expected.receiver.storage):
+        torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.skipif(_emulator_skip_reason() is not None, reason=str(_emulator_skip_reason()))
+def test_input_weight_cache_holds_one_copy_per_live_stack():
+    """A call keeps one concatenated W_in for its weight stack; an in-place update replaces it
+    (no outdated copy stays), freed weights release it, and inference-mode weights get none."""
+    import gc
+    native = backends.get("cuda_emulator")._build()
+    gc.collect()
+    before = native.input_weight_cache_entries()
+    case = make_case(seed=46)
+    torch.ops.c2c.fuse(*case.args(), "cuda_emulator", False)
+    assert native.input_weight_cache_entries() == before + 1
+    with torch.no_grad():
+        case.weights.w_in_receiver.mul_(2.0)
+    torch.ops.c2c.fuse(*case.args(), "cuda_emulator", False)
+    assert native.input_weight_cache_entries() == before + 1
+    del case
+    gc.collect()
+    assert native.input_weight_cache_entries() == before
+    case = make_case(seed=47)
+    with torch.inference_mode():
+        case.weights = type(case.weights)(*(t.clone() for t in case.weights))
+    torch.ops.c2c.fuse(*case.args(), "cuda_emulator", False)
+    assert native.input_weight_cache_entries() == before

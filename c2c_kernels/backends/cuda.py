@@ -1,7 +1,10 @@
-"""The CUDA C++ backend (``csrc/cuda``): gather, RMSNorm/GELU/residual epilogues and the gated
+"""The CUDA C++ backend (``csrc/cuda``): gather, bias/RMSNorm/GELU epilogues and the gated
 merge as hand-written kernels around strided-batched cuBLAS GEMMs (through ATen), every stage
-batched over all fusers of a call. Current-stream, no host synchronisation (the hard gate is
-read on the device), CUDA-graph capturable. Needs ``c2c_kernels._C`` built with CUDA.
+batched over all fusers of a call: one input GEMM over the gathered ``[S; X]`` rows, a residual
+stream in the cache dtype that each FFN's second GEMM adds into, token chunks sized from the
+device's memory (``docs/cuda.md``: bytes and launches per stage). Current-stream, no host
+synchronisation (the hard gate is read on the device), CUDA-graph capturable. Needs
+``c2c_kernels._C`` built with CUDA.
 
 Slots: every call first runs ``c2c_native.prepare_slots`` (one launch), which applies the rules
 of :mod:`c2c_kernels.slots` on the device (any slot dtype and stride in; out-of-range slots

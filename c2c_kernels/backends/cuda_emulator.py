@@ -84,6 +84,14 @@ def selftest(name: str, blocks: int = 1, threads: int = 32) -> list[float]:
     return _build().selftest(name, blocks, threads)
 
 
+def chunk_plan(entries: int, tokens: int, sharer_width: int, receiver_width: int, hidden: int, inner: int,
+               heads: int, element_size: int, device_memory: int) -> tuple[int, int, int]:
+    """(tokens per chunk, chunks, workspace bytes) of a fuse / project call of these shapes on a
+    device of ``device_memory`` bytes: the CUDA host code's own sizing (csrc/cuda/fuse.cu)."""
+    return tuple(_build().chunk_plan(entries, tokens, sharer_width, receiver_width, hidden, inner, heads,
+                                     element_size, device_memory))
+
+
 def merge(receiver_caches, receiver_slots, projections, head_scales):
     receiver_slots, _ = prepared(prepare, receiver_caches, None, receiver_slots, None, dedupe=True)
     _build().merge(list(receiver_caches), receiver_slots, list(projections), list(head_scales))

@@ -5,9 +5,10 @@
 //  - at::bmm_out lowers to cuBLAS(Lt) strided-batched GEMMs (fp32 accumulation, tensor cores
 //    for fp16/bf16, the user's TF32 setting for fp32) on torch's handle bound to the current
 //    stream, with torch's graph-safe workspace: capturable, and no cuBLAS link of our own;
-//  - the epilogues cuBLASLt could fuse do not match the fuser (its GELU is the tanh
-//    approximation, it has no RMSNorm and no fp32 residual), so those are one fused row
-//    kernel each in gather_norm.cu instead.
+//  - the residual add is the GEMM's own beta = 1 (accumulate into the residual stream); the
+//    other epilogues cuBLASLt could fuse do not match the fuser (its GELU is the tanh
+//    approximation, 4.7e-4 from the exact one; it has no RMSNorm), so those are row kernels
+//    in gather_norm.cu instead (docs/cuda.md counts what that costs).
 #include "cuda/batched_linear.h"
 
 #include <c10/util/Exception.h>

@@ -2,16 +2,20 @@
 //
 // A call's tokens go through the fuser in chunks (a bounded workspace), every stage batched
 // over all entries of the call:
-//   gather sharer and receiver rows -> [R, n, Ks], [R, n, Kt]          (gather_norm.cu)
-//   u = S Wis^T + X Wir^T (+ b_in, RMSNorm)                             (batched_linear.cu + row epilogue)
+//   gather sharer and receiver rows side by side -> [R, n, Ks + Kt]       (gather_norm.cu)
+//   u = [S; X] W_in^T (one GEMM), u += b_in, norm_a = RMSNorm_0(u)        (batched_linear.cu + row epilogue)
 //   FFN_1; then the weight branch (FFN_w, W_head, gate, sigmoid) and the projection branch
-//   (n - 2 FFN blocks, W_out), each FFN = GEMM, GELU, GEMM, fused residual/RMSNorm epilogue
+//   (n - 2 FFN blocks, W_out), each FFN = GEMM, GELU, GEMM adding into the residual stream
+//   (beta = 1), and a row epilogue only where a norm follows
 //   merge into the cache (fuse) or write the fp32 projection (project)  (merge.cu)
+// The residual stream and every activation are stored in the cache dtype (fp32 inside each
+// kernel), as in the Triton backend. docs/cuda.md counts the bytes and launches per stage.
 // All launches go to the current stream; nothing waits for the device or copies host data to
 // it, so a call can be captured in a CUDA graph. The hard gate is read by the kernels.
 
 #include <algorithm>
 #include <cstdlib>
+#include <mutex>
 
 #include "cuda/batched_linear.h"
 #include "cuda/call.h"
@@ -23,17 +27,21 @@
 namespace c2c::cuda {
 namespace {
 
-// Activations of one token chunk stay under this many bytes (the GEMMs are efficient long
-// before: with 48 entries and H = I = 1024 a chunk still holds about 1500 tokens), unless
-// the environment variable C2C_CUDA_WORKSPACE_BYTES says otherwise. A chunk holds at least
-// kMinChunkTokens tokens, below which the batched GEMMs lose their efficiency.
-constexpr int64_t kWorkspaceBytes = int64_t{1} << 30;
+// Activations of one token chunk stay under this many bytes, unless the environment variable
+// C2C_CUDA_WORKSPACE_BYTES says otherwise: the smaller of kWorkspaceCap and 1/16 of the
+// device's memory. Each chunk re-reads every weight, so chunks should be few: the first
+// benchmark workload (48 entries, about 0.5 MB of activations per token, docs/cuda.md) runs
+// 16384 tokens in 2 chunks on a GPU of 80 GB or more. Whatever the budget, a call is split
+// into no more chunks than kMinChunkTokens-token ones would make (smaller batched GEMMs lose
+// their efficiency).
+constexpr int64_t kWorkspaceCap = int64_t{6} << 30;
 constexpr int64_t kMinChunkTokens = 256;
 
-int64_t workspace_budget() {
+int64_t workspace_budget(int64_t device_memory) {
   const char* value = std::getenv("C2C_CUDA_WORKSPACE_BYTES");
   const long long parsed = value != nullptr ? std::strtoll(value, nullptr, 10) : 0;
-  return parsed > 0 ? parsed : kWorkspaceBytes;
+  if (parsed > 0) return parsed;
+  return device_memory > 0 ? std::min(kWorkspaceCap, device_memory / 16) : kWorkspaceCap;
 }
 
 // Where a chunk's results go: merged into the receiver caches, or written to project's outputs.
@@ -43,27 +51,36 @@ struct Sink {
   at::Tensor head_scale;  // [R, T, Ht] fp32 (project only)
 };
 
-// Dense activation buffers of one token chunk, [R, n, width] each.
+// Dense activation buffers of one token chunk, [R, n, width] each, all in the cache dtype but
+// head_scale. `rows` holds the [S; X] input rows, then (the input consumed) the weight
+// branch's w, then the W_out output; `u` is the residual stream.
 struct Workspace {
-  at::Tensor sharer_rows, receiver_rows, gemm_out, residual, norm_a, norm_b, inner, logits, head_scale;
+  at::Tensor rows, u, norm_a, norm_b, inner, logits, head_scale;
+
+  static int64_t rows_width(const Call& c) {
+    return std::max(c.sharer_heads * c.sharer_head_dim + c.heads * c.head_dim, c.hidden);
+  }
 
   static int64_t bytes_per_row(const Call& c, int64_t element) {
-    const int64_t ks = c.sharer_heads * c.sharer_head_dim, kt = c.heads * c.head_dim;
-    return element * (ks + kt + 3 * c.hidden + std::max(c.inner, c.hidden) + c.heads) + 4 * (c.hidden + c.heads);
+    return bytes_per_row(c.sharer_heads * c.sharer_head_dim, c.heads * c.head_dim, c.hidden, c.inner, c.heads,
+                         element);
+  }
+
+  static int64_t bytes_per_row(int64_t sharer_width, int64_t receiver_width, int64_t hidden, int64_t inner,
+                               int64_t heads, int64_t element) {
+    return element * (std::max(sharer_width + receiver_width, hidden) + 3 * hidden + std::max(inner, hidden) + heads) +
+           4 * heads;
   }
 
   Workspace(const Call& c, int64_t tokens, const at::TensorOptions& options) {
     const int64_t r = c.entries;
-    const auto fp32 = options.dtype(at::kFloat);
-    sharer_rows = workspace_empty({r * tokens * c.sharer_heads * c.sharer_head_dim}, options);
-    receiver_rows = workspace_empty({r * tokens * c.heads * c.head_dim}, options);
-    gemm_out = workspace_empty({r * tokens * c.hidden}, options);
-    residual = workspace_empty({r * tokens * c.hidden}, fp32);
+    rows = workspace_empty({r * tokens * rows_width(c)}, options);
+    u = workspace_empty({r * tokens * c.hidden}, options);
     norm_a = workspace_empty({r * tokens * c.hidden}, options);
     norm_b = workspace_empty({r * tokens * c.hidden}, options);
     inner = workspace_empty({r * tokens * std::max(c.inner, c.hidden)}, options);
     logits = workspace_empty({r * tokens * c.heads}, options);
-    head_scale = workspace_empty({r * tokens * c.heads}, fp32);
+    head_scale = workspace_empty({r * tokens * c.heads}, options.dtype(at::kFloat));
   }
 };
 
@@ -87,6 +104,99 @@ FuserTable fuser_table(const Call& c, int64_t begin, int64_t count) {
   return table;
 }
 
+// ---- W_in as one [P, H, Ks + Kt] matrix ---------------------------------------------------
+//
+// The input GEMM over [S; X] needs W_in's two halves (fuser_weights.h stores them as two
+// stacks) side by side. When the stacks already are column slices of one tensor that is a
+// view; otherwise the concatenation is made once per weight stack and kept while both halves
+// are alive and unmodified: same storage (held weakly, so a freed stack's address cannot be
+// mistaken for it), data pointer, shape, strides and version counter (every in-place update
+// through autograd-visible tensors bumps it). Without a usable copy (inference tensors carry
+// no version counter; no allocation during a CUDA graph capture) the GEMM runs as two, over
+// the column slices of the same [S; X] rows.
+
+struct HalfKey {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  const void* data = nullptr;
+  std::vector<int64_t> sizes, strides;
+  int64_t version = -1;
+
+  static bool trackable(const at::Tensor& t) { return !t.is_inference(); }
+
+  explicit HalfKey(const at::Tensor& t)
+      : storage(t.storage().getWeakStorageImpl()),
+        data(t.data_ptr()),
+        sizes(t.sizes().vec()),
+        strides(t.strides().vec()),
+        version(t._version()) {}
+
+  bool matches(const at::Tensor& t) const {
+    const c10::intrusive_ptr<c10::StorageImpl> alive = storage.lock();
+    return alive && alive.get() == t.storage().unsafeGetStorageImpl() && data == t.data_ptr() &&
+           t.sizes().equals(sizes) && t.strides().equals(strides) && version == t._version();
+  }
+};
+
+struct ConcatEntry {
+  HalfKey sharer, receiver;
+  at::Tensor weight;
+};
+
+// At most this many weight stacks keep a concatenated W_in (the oldest is dropped first).
+constexpr size_t kConcatCacheEntries = 4;
+
+// The cache, never destroyed: its tensors must not be freed after the allocator at exit.
+struct ConcatCache {
+  std::mutex mutex;
+  std::vector<ConcatEntry> entries;
+
+  static ConcatCache& get() {
+    static ConcatCache* cache = new ConcatCache();
+    return *cache;
+  }
+
+  // Drops the entries of freed weight stacks.
+  void prune() {
+    entries.erase(std::remove_if(entries.begin(), entries.end(),
+                                 [](const ConcatEntry& e) { return e.sharer.storage.expired() || e.receiver.storage.expired(); }),
+                  entries.end());
+  }
+};
+
+at::Tensor concatenated_input_weight(const Call& c, cudaStream_t stream) {
+  const at::Tensor& ws = c.w[kWInSharer];
+  const at::Tensor& wr = c.w[kWInReceiver];
+  const int64_t ks = ws.size(2), kt = wr.size(2);
+  // Already one tensor: the receiver half starts Ks columns after the sharer half, rows alike.
+  const bool one_tensor = ws.size(0) == wr.size(0) && ws.size(1) == wr.size(1) && ws.stride(0) == wr.stride(0) &&
+                          ws.stride(1) == wr.stride(1) && ws.stride(2) == 1 && wr.stride(2) == 1 &&
+                          ws.storage().is_alias_of(wr.storage()) &&
+                          static_cast<const char*>(wr.data_ptr()) ==
+                              static_cast<const char*>(ws.data_ptr()) + ks * ws.element_size();
+  if (one_tensor) return ws.as_strided({ws.size(0), ws.size(1), ks + kt}, ws.strides(), ws.storage_offset());
+  if (!HalfKey::trackable(ws) || !HalfKey::trackable(wr)) return {};
+  ConcatCache& cache = ConcatCache::get();
+  const std::lock_guard<std::mutex> lock(cache.mutex);
+  cache.prune();
+  for (const ConcatEntry& e : cache.entries) {
+    if (e.sharer.matches(ws) && e.receiver.matches(wr)) return e.weight;
+  }
+  if (stream_capturing(stream)) return {};
+  // An outdated copy of the same stacks goes (an update in place made it stale).
+  const auto same_stacks = [&](const ConcatEntry& e) {
+    return e.sharer.storage.lock().get() == ws.storage().unsafeGetStorageImpl() ||
+           e.receiver.storage.lock().get() == wr.storage().unsafeGetStorageImpl();
+  };
+  cache.entries.erase(std::remove_if(cache.entries.begin(), cache.entries.end(), same_stacks), cache.entries.end());
+  if (cache.entries.size() >= kConcatCacheEntries) cache.entries.erase(cache.entries.begin());
+  // Made on the current stream, as the rest of the call; no autograd history (it would hold
+  // the halves alive).
+  const at::NoGradGuard no_grad;
+  at::Tensor weight = at::cat({ws, wr}, 2);
+  cache.entries.push_back(ConcatEntry{HalfKey(ws), HalfKey(wr), weight});
+  return weight;
+}
+
 // Checks that a launch's flat thread index (32-bit in the kernels) cannot overflow.
 void check_index_range(int64_t work, const char* what) {
   TORCH_CHECK(work < (int64_t{1} << 31), "c2c: ", what, " covers ", work,
@@ -96,15 +206,17 @@ void check_index_range(int64_t work, const char* what) {
 template <typename T>
 class Pipeline {
  public:
-  Pipeline(const Call& c, cudaStream_t stream) : c_(c), stream_(stream) {}
+  Pipeline(const Call& c, const at::Tensor& input_weight, cudaStream_t stream)
+      : c_(c), input_weight_(input_weight), stream_(stream) {}
 
   // One token chunk through the stages, named as the Triton stage files
   // (c2c_kernels/backends/triton) and the CPU backend's FuserRun (csrc/cpu/fuser.cpp).
   void run_chunk(int64_t first, int64_t tokens, const Workspace& ws, const Sink& sink) {
     n_ = tokens;
     const Chunk x = chunk(ws);
-    gather(c_.sharers, c_.sharer_slots, first, x.sharer_rows, c_.sharer_heads, c_.sharer_head_dim);
-    gather(c_.receivers, c_.receiver_slots, first, x.receiver_rows, c_.heads, c_.head_dim);
+    const int64_t ks = c_.sharer_heads * c_.sharer_head_dim;
+    gather(c_.sharers, c_.sharer_slots, first, x.rows, 0, c_.sharer_heads, c_.sharer_head_dim);
+    gather(c_.receivers, c_.receiver_slots, first, x.rows, ks, c_.heads, c_.head_dim);
     input_gemm(x);                          // triton: input_gemm.py
     ffn_1(x, ws);                           // ffn_up.py, ffn_down.py
     weight_branch(first, x, ws, sink);      // ffn_up.py, ffn_down.py (head logits)
@@ -115,52 +227,55 @@ class Pipeline {
  private:
   // The workspace's buffers as dense [R, n, width] tensors for this chunk.
   struct Chunk {
-    at::Tensor sharer_rows, receiver_rows, gemm_out, residual, norm_a, norm_b, logits;
+    at::Tensor rows, w, projection, u, norm_a, norm_b, logits;
   };
 
   Chunk chunk(const Workspace& ws) const {
-    const int64_t ks = c_.sharer_heads * c_.sharer_head_dim, kt = c_.heads * c_.head_dim, h = c_.hidden;
-    return Chunk{dense(ws.sharer_rows, c_.entries, n_, ks), dense(ws.receiver_rows, c_.entries, n_, kt),
-                 dense(ws.gemm_out, c_.entries, n_, h),     dense(ws.residual, c_.entries, n_, h),
-                 dense(ws.norm_a, c_.entries, n_, h),       dense(ws.norm_b, c_.entries, n_, h),
+    const int64_t h = c_.hidden;
+    const int64_t k = c_.sharer_heads * c_.sharer_head_dim + c_.heads * c_.head_dim;
+    const int64_t kt = c_.heads * c_.head_dim;
+    return Chunk{dense(ws.rows, c_.entries, n_, k),   dense(ws.rows, c_.entries, n_, h),
+                 dense(ws.rows, c_.entries, n_, kt),  dense(ws.u, c_.entries, n_, h),
+                 dense(ws.norm_a, c_.entries, n_, h), dense(ws.norm_b, c_.entries, n_, h),
                  dense(ws.logits, c_.entries, n_, c_.heads)};
   }
 
-  // u = S Wis^T + X Wir^T + b_in; residual = u; norm_a = RMSNorm_0(u)
+  // u = [S; X] W_in^T, one GEMM (K = Ks + Kt) when W_in is one matrix, else two over the
+  // column slices of the same rows; then u += b_in in place, norm_a = RMSNorm_0(u).
   void input_gemm(const Chunk& x) {
-    batched_linear(x.gemm_out, x.sharer_rows, c_.w[kWInSharer], c_.runs, false);
-    batched_linear(x.gemm_out, x.receiver_rows, c_.w[kWInReceiver], c_.runs, true);
+    if (input_weight_.defined()) {
+      batched_linear(x.u, x.rows, input_weight_, c_.runs, false);
+    } else {
+      const int64_t ks = c_.sharer_heads * c_.sharer_head_dim, kt = c_.heads * c_.head_dim;
+      batched_linear(x.u, x.rows.narrow(2, 0, ks), c_.w[kWInSharer], c_.runs, false);
+      batched_linear(x.u, x.rows.narrow(2, ks, kt), c_.w[kWInReceiver], c_.runs, true);
+    }
     RowEpilogueParams<T> in{};
-    in.delta = ptr<T>(x.gemm_out);
+    in.in = ptr<T>(x.u);
     in.bias = ptr<T>(c_.w[kBIn]);
     in.bias_fuser_stride = c_.w[kBIn].stride(0);
-    in.residual_out = mutable_ptr<float>(x.residual);
+    in.out = mutable_ptr<T>(x.u);
     set_norm(in, 0, x.norm_a, c_.w[kFfnNorm], 0);
     row_epilogue(in);
   }
 
-  // FFN_1, then u feeds both branches: norm_a = head_norm(u), norm_b = ffn_norm_1(u)
+  // FFN_1 adds into u; then u feeds both branches: norm_a = head_norm(u), norm_b =
+  // ffn_norm_1(u), and w = u, the weight branch's own residual (the projection branch keeps u).
   void ffn_1(const Chunk& x, const Workspace& ws) {
-    ffn(x.norm_a, c_.w[kFfnW1].select(1, 0), c_.w[kFfnW2].select(1, 0), ws, x.gemm_out);
+    ffn(x.norm_a, c_.w[kFfnW1].select(1, 0), c_.w[kFfnW2].select(1, 0), ws, x.u);
     RowEpilogueParams<T> split{};
-    split.residual = ptr<float>(x.residual);
-    split.delta = ptr<T>(x.gemm_out);
-    split.residual_out = mutable_ptr<float>(x.residual);
+    split.in = ptr<T>(x.u);
+    split.out = mutable_ptr<T>(x.w);
     set_norm(split, 0, x.norm_a, c_.w[kHeadNorm], -1);
     set_norm(split, 1, x.norm_b, c_.w[kFfnNorm], 1);
     row_epilogue(split);
   }
 
-  // Weight branch: w = u + FFN_w(u) (the residual stays u for the projection branch),
-  // head_scale = G * sigmoid(W_head w + b_head): into the workspace (fuse) or project's output.
+  // Weight branch: w = u + FFN_w(u), head_scale = G * sigmoid(W_head w + b_head): into the
+  // workspace (fuse) or project's output.
   void weight_branch(int64_t first, const Chunk& x, const Workspace& ws, const Sink& sink) {
-    ffn(x.norm_a, c_.w[kHeadW1], c_.w[kHeadW2], ws, x.gemm_out);
-    RowEpilogueParams<T> head{};
-    head.residual = ptr<float>(x.residual);
-    head.delta = ptr<T>(x.gemm_out);
-    head.plain_out = mutable_ptr<T>(x.norm_a);
-    row_epilogue(head);
-    batched_linear(x.logits, x.norm_a, c_.w[kWHead], c_.runs, false);
+    ffn(x.norm_a, c_.w[kHeadW1], c_.w[kHeadW2], ws, x.w);
+    batched_linear(x.logits, x.w, c_.w[kWHead], c_.runs, false);
     BiasEpilogueParams<T> scale{};
     scale.in = ptr<T>(x.logits);
     scale.bias = ptr<T>(c_.w[kBHead]);
@@ -179,29 +294,26 @@ class Pipeline {
     bias_epilogue(scale, c_.heads);
   }
 
-  // Projection branch: p = u, then blocks 1 .. B-1; the last writes p into norm_b in the cache
-  // dtype (the input of W_out).
+  // Projection branch: p = u, then blocks 1 .. B-1 add into u; a block's norm for the next
+  // one is the only row pass left (none after the last: u is W_out's input as it stands).
   void projection_blocks(const Chunk& x, const Workspace& ws) {
     for (int64_t b = 1; b < c_.blocks; ++b) {
-      ffn(x.norm_b, c_.w[kFfnW1].select(1, b), c_.w[kFfnW2].select(1, b), ws, x.gemm_out);
-      RowEpilogueParams<T> block{};
-      block.residual = ptr<float>(x.residual);
-      block.delta = ptr<T>(x.gemm_out);
+      ffn(x.norm_b, c_.w[kFfnW1].select(1, b), c_.w[kFfnW2].select(1, b), ws, x.u);
       if (b + 1 < c_.blocks) {
-        block.residual_out = mutable_ptr<float>(x.residual);
+        RowEpilogueParams<T> block{};
+        block.in = ptr<T>(x.u);
         set_norm(block, 0, x.norm_b, c_.w[kFfnNorm], b + 1);
-      } else {
-        block.plain_out = mutable_ptr<T>(x.norm_b);
+        row_epilogue(block);
       }
-      row_epilogue(block);
     }
   }
 
   // y = W_out p; merged into the cache (fuse) or written with b_out as fp32 (project).
   void output(int64_t first, const Chunk& x, const at::Tensor& head_scale, const Sink& sink) {
     const int64_t kt = c_.heads * c_.head_dim;
-    const at::Tensor projection = x.receiver_rows;  // the receiver rows are consumed: reuse the buffer
-    batched_linear(projection, x.norm_b, c_.w[kWOut], c_.runs, false);
+    // The input rows and w are consumed: the projection reuses their buffer.
+    const at::Tensor& projection = x.projection;
+    batched_linear(projection, x.u, c_.w[kWOut], c_.runs, false);
     if (sink.merge) {
       merge_projection(first, projection, head_scale);
       return;
@@ -217,16 +329,22 @@ class Pipeline {
     bias_epilogue(out, kt);
   }
 
+  // Rows of `views` into columns [column, column + heads * head_dim) of the dense `out` rows.
   void gather(const std::vector<at::Tensor>& views, const at::Tensor& slots, int64_t first, const at::Tensor& out,
-              int64_t heads, int64_t head_dim) {
+              int64_t column, int64_t heads, int64_t head_dim) {
+    constexpr int64_t V = vector_width<T>();
     check_index_range(n_ * heads * head_dim, "a gather");
+    const int64_t row_stride = out.size(2);
     for_each_entry_group(c_.entries, kGatherMaxEntries, [&](int64_t begin, int64_t count) {
       GatherParams<T> p{};
+      p.out = mutable_ptr<T>(out) + begin * n_ * row_stride + column;
+      p.out_entry_stride = n_ * row_stride;
+      p.out_row_stride = row_stride;
+      const bool out_vectorizable = aligned16(p.out) && row_stride % V == 0;
       for (int64_t i = 0; i < count; ++i) {
         p.views[i] = cache_view<T>(views[begin + i]);
-        p.vectorized[i] = vectorizable<T>(views[begin + i]) && aligned16(out.data_ptr());
+        p.vectorized[i] = vectorizable<T>(views[begin + i]) && out_vectorizable;
       }
-      p.out = mutable_ptr<T>(out) + begin * n_ * heads * head_dim;
       p.slots = slot_list(slots, first);
       p.receiver_slots = slot_list(c_.receiver_slots, first);
       p.rows = pool_rows(views[begin]);
@@ -251,13 +369,27 @@ class Pipeline {
     p.norm_fuser_stride[k] = scales.stride(0);
   }
 
+  // 16-byte row accesses are legal for p: every row pointer aligned, every per-fuser stride a
+  // whole number of vectors (the dense buffers' rows are `hidden` wide).
+  static bool row_vectorizable(const RowEpilogueParams<T>& p, int64_t width) {
+    constexpr int64_t V = vector_width<T>();
+    bool ok = width % V == 0 && aligned16(p.in) && aligned16(p.out);
+    if (p.bias != nullptr) ok = ok && aligned16(p.bias) && p.bias_fuser_stride % V == 0;
+    for (int k = 0; k < 2; ++k) {
+      if (p.norm_out[k] == nullptr) continue;
+      ok = ok && aligned16(p.norm_out[k]) && aligned16(p.norm_scale[k]) && p.norm_fuser_stride[k] % V == 0;
+    }
+    return ok;
+  }
+
   void row_epilogue(RowEpilogueParams<T> p) {
     p.tokens = static_cast<int32_t>(n_);
     p.width = static_cast<int32_t>(c_.hidden);
+    const bool vectorized = row_vectorizable(p, c_.hidden);
     for_each_entry_group(c_.entries, kMaxEntriesPerLaunch, [&](int64_t begin, int64_t count) {
       p.entry_begin = static_cast<int32_t>(begin);
       p.fusers = fuser_table(c_, begin, count);
-      launch_row_epilogue(p, static_cast<int>(count), stream_);
+      launch_row_epilogue(p, static_cast<int>(count), vectorized, stream_);
       C2C_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -274,14 +406,15 @@ class Pipeline {
     });
   }
 
-  // out = W2 gelu(W1 x) for every entry; w1 [P, I, H], w2 [P, H, I].
+  // residual += W2 gelu(W1 x) for every entry, the second GEMM accumulating in place (beta =
+  // 1: one rounding of the sum); w1 [P, I, H], w2 [P, H, I].
   void ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const Workspace& ws,
-           const at::Tensor& out) {
+           const at::Tensor& residual) {
     const at::Tensor inner = dense(ws.inner, c_.entries, n_, w1.size(1));
     batched_linear(inner, x, w1, c_.runs, false);
     launch_gelu(mutable_ptr<T>(inner), inner.numel(), stream_);
     C2C_KERNEL_LAUNCH_CHECK();
-    batched_linear(out, inner, w2, c_.runs, false);
+    batched_linear(residual, inner, w2, c_.runs, true);
   }
 
   // x += head_scale * (projection + b_out) at the receiver slots of this chunk.
@@ -316,21 +449,32 @@ class Pipeline {
   }
 
   const Call& c_;
+  const at::Tensor input_weight_;  // W_in as [P, H, Ks + Kt], or undefined: two GEMMs
   cudaStream_t stream_;
   int64_t n_ = 0;
 };
+
+// Tokens per chunk: the fewest chunks the workspace budget allows (chunks of kMinChunkTokens
+// at the least), the tokens then spread evenly over them, so that the workspace is no larger
+// than those chunks need (16384 tokens in 2 chunks: 2 x 8192, not 12729 + 3655).
+int64_t chunk_tokens(int64_t tokens, int64_t bytes_per_token, int64_t device_memory) {
+  const int64_t most = std::max(kMinChunkTokens, workspace_budget(device_memory) / bytes_per_token);
+  const int64_t chunks = (tokens + most - 1) / most;
+  return (tokens + chunks - 1) / chunks;
+}
 
 // Runs the fuser over all tokens of the call in workspace-bounded chunks.
 void run(const Call& c, const Sink& sink) {
   if (c.entries == 0 || c.tokens == 0) return;
   const at::TensorOptions options = c.w[kWInSharer].options();
-  const int64_t per_token = c.entries * Workspace::bytes_per_row(c, c.w[kWInSharer].element_size());
-  const int64_t chunk = std::min(c.tokens, std::max(kMinChunkTokens, workspace_budget() / per_token));
+  const int64_t chunk = chunk_tokens(c.tokens, c.entries * Workspace::bytes_per_row(c, c.w[kWInSharer].element_size()),
+                                     device_memory_bytes());
   const Workspace ws(c, chunk, options);
   const cudaStream_t stream = current_stream();
+  const at::Tensor input_weight = concatenated_input_weight(c, stream);
   dispatch_cache_dtype(c.w[kWInSharer].scalar_type(), "weights", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    Pipeline<T> pipeline(c, stream);
+    Pipeline<T> pipeline(c, input_weight, stream);
     for (int64_t first = 0; first < c.tokens; first += chunk) {
       pipeline.run_chunk(first, std::min(chunk, c.tokens - first), ws, sink);
     }
@@ -338,6 +482,23 @@ void run(const Call& c, const Sink& sink) {
 }
 
 }  // namespace
+
+int64_t input_weight_cache_entries() {
+  ConcatCache& cache = ConcatCache::get();
+  const std::lock_guard<std::mutex> lock(cache.mutex);
+  cache.prune();
+  return static_cast<int64_t>(cache.entries.size());
+}
+
+std::tuple<int64_t, int64_t, int64_t> chunk_plan(int64_t entries, int64_t tokens, int64_t sharer_width,
+                                                 int64_t receiver_width, int64_t hidden, int64_t inner, int64_t heads,
+                                                 int64_t element_size, int64_t device_memory) {
+  TORCH_CHECK(entries > 0 && tokens > 0, "chunk_plan: entries and tokens must be positive");
+  const int64_t per_token =
+      entries * Workspace::bytes_per_row(sharer_width, receiver_width, hidden, inner, heads, element_size);
+  const int64_t chunk = chunk_tokens(tokens, per_token, device_memory);
+  return {chunk, (tokens + chunk - 1) / chunk, chunk * per_token};
+}
 
 void fuse(const std::vector<at::Tensor>& receiver_caches, const std::vector<at::Tensor>& sharer_caches,
           const at::Tensor& receiver_slots, const at::Tensor& sharer_slots, const std::vector<at::Tensor>& weights,

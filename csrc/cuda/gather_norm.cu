@@ -1,8 +1,10 @@
 // The memory-bound steps around the fuser's GEMMs:
 //  - gather: cache rows through the slots (token alignment included: the sharer slots carry
-//    it) into dense [entry, token, heads*dim] tiles the batched GEMMs read directly;
-//  - row epilogue: bias + residual + RMSNorm after a GEMM, one pass per row, writing the fp32
-//    residual stream and the next GEMM's normalised input(s) without re-reading anything;
+//    it) into dense rows the batched GEMMs read directly (the sharer and receiver rows of a
+//    token side by side: the input GEMM's [S; X] row);
+//  - row epilogue: bias + RMSNorm after a GEMM, one pass per row, writing the residual stream
+//    and the next GEMM's normalised input(s) without re-reading anything; one warp per row with
+//    16-byte accesses where the rows allow it, else one block per row;
 //  - GELU in place on the FFN's inner activations (exact erf form);
 //  - bias epilogue: bias (+ hard gate and sigmoid for the head logits) into fp32 outputs.
 #include <algorithm>
@@ -16,6 +18,8 @@ namespace {
 constexpr int kGatherThreads = 256;
 constexpr int kElementwiseThreads = 256;
 constexpr int kRowItems = 8;  // row values a thread keeps in registers: rows up to 8 * 1024 wide
+constexpr int kRowWarps = 4;  // rows (one per warp) of a block of the warp-per-row epilogue
+constexpr int kRowMaxVectors = 8;  // 16-byte vectors a lane keeps: rows up to 256 vectors wide
 
 // ---- gather -----------------------------------------------------------------------------
 
@@ -28,8 +32,7 @@ __global__ void __launch_bounds__(kGatherThreads) gather_rows_kernel(const __gri
   if (!this_thread_chunk<V>(p.tokens, p.heads, p.head_dim, rc)) return;
   const int entry = blockIdx.y;
   const int32_t first = rc.chunk * V;
-  const int64_t width = static_cast<int64_t>(p.heads) * p.head_dim;
-  T* out = p.out + (static_cast<int64_t>(entry) * p.tokens + rc.token) * width +
+  T* out = p.out + entry * p.out_entry_stride + rc.token * p.out_row_stride +
            static_cast<int64_t>(rc.head) * p.head_dim + first;
   // A padding token's rows are zero (and its sharer slot, possibly garbage, is never read); so
   // are the rows of a slot outside the pool: it is never addressed.
@@ -73,7 +76,19 @@ __device__ __forceinline__ float block_sum(float value) {
   return value;  // every warp reduced the same partial sums in the same order
 }
 
+// z = in + bias as fp32; out = T(z); the sum of squares of the values this thread saw.
+template <typename T>
+__device__ __forceinline__ float row_value(const RowEpilogueParams<T>& p, int64_t offset, int64_t fuser, int i,
+                                           float& z) {
+  // Same order as the reference: GEMM output + bias.
+  z = to_float(p.in[offset + i]);
+  if (p.bias != nullptr) z += to_float(p.bias[fuser * p.bias_fuser_stride + i]);
+  if (p.out != nullptr) p.out[offset + i] = from_float<T>(z);
+  return z * z;
+}
+
 // grid: (tokens, entries), one block per row; each thread keeps kRowItems values of the row.
+// For rows the warp kernel below cannot take (unaligned, or wider than it keeps in registers).
 template <typename T>
 __global__ void __launch_bounds__(1024) row_epilogue_kernel(const __grid_constant__ RowEpilogueParams<T> p) {
   const int64_t row = (static_cast<int64_t>(p.entry_begin) + blockIdx.y) * p.tokens + blockIdx.x;
@@ -85,16 +100,7 @@ __global__ void __launch_bounds__(1024) row_epilogue_kernel(const __grid_constan
   for (int k = 0; k < kRowItems; ++k) {
     const int i = threadIdx.x + k * blockDim.x;
     z[k] = 0.f;
-    if (i < p.width) {
-      // Same order as the reference: (GEMM output + bias), then + residual.
-      float v = p.delta != nullptr ? to_float(p.delta[offset + i]) : 0.f;
-      if (p.bias != nullptr) v += to_float(p.bias[fuser * p.bias_fuser_stride + i]);
-      if (p.residual != nullptr) v = p.residual[offset + i] + v;
-      z[k] = v;
-      sum_squares += v * v;
-      if (p.residual_out != nullptr) p.residual_out[offset + i] = v;
-      if (p.plain_out != nullptr) p.plain_out[offset + i] = from_float<T>(v);
-    }
+    if (i < p.width) sum_squares += row_value(p, offset, fuser, i, z[k]);
   }
   if (p.norm_out[0] == nullptr) return;
   const float inv_rms = rsqrtf(block_sum(sum_squares) / static_cast<float>(p.width) + kRmsEps);
@@ -106,6 +112,67 @@ __global__ void __launch_bounds__(1024) row_epilogue_kernel(const __grid_constan
     for (int k = 0; k < kRowItems; ++k) {
       const int i = threadIdx.x + k * blockDim.x;
       if (i < p.width) p.norm_out[n][offset + i] = from_float<T>(z[k] * inv_rms * to_float(scale[i]));
+    }
+  }
+}
+
+// Sum over the 32 lanes of a warp, the same order on every run.
+__device__ __forceinline__ float warp_sum(float value) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+// grid: (ceil(tokens / kRowWarps), entries), one warp per row: lane l holds the 16-byte vectors
+// l, l + 32, ... (kVectors of them at most) in registers, so a row is read once and written
+// once with coalesced 16-byte accesses, and the norm needs only warp shuffles (no shared
+// memory, no barrier). The host guarantees width % V == 0, width <= 32 * kVectors * V and
+// 16-byte aligned rows (launch_row_epilogue's `vectorized`).
+template <typename T, int kVectors>
+__global__ void __launch_bounds__(kRowWarps * 32) row_epilogue_warp_kernel(const __grid_constant__ RowEpilogueParams<T> p) {
+  constexpr int V = vector_width<T>();
+  const int lane = threadIdx.x % 32;
+  const int32_t token = blockIdx.x * kRowWarps + threadIdx.x / 32;
+  // A warp past the last token still joins the shuffles (with zeros) and writes nothing.
+  const bool live = token < p.tokens;
+  const int64_t offset = ((static_cast<int64_t>(p.entry_begin) + blockIdx.y) * p.tokens + token) * p.width;
+  const int64_t fuser = p.fusers.fuser[blockIdx.y];
+  const int vectors = p.width / V;
+  float z[kVectors][V];
+  float sum_squares = 0.f;
+#pragma unroll
+  for (int k = 0; k < kVectors; ++k) {
+    const int column = (lane + 32 * k) * V;
+#pragma unroll
+    for (int j = 0; j < V; ++j) z[k][j] = 0.f;
+    if (!live || lane + 32 * k >= vectors) continue;
+    load_vector<V>(p.in + offset + column, z[k]);
+    if (p.bias != nullptr) {
+      float b[V];
+      load_vector<V>(p.bias + fuser * p.bias_fuser_stride + column, b);
+#pragma unroll
+      for (int j = 0; j < V; ++j) z[k][j] += b[j];
+    }
+    if (p.out != nullptr) store_vector<V>(p.out + offset + column, z[k]);
+#pragma unroll
+    for (int j = 0; j < V; ++j) sum_squares += z[k][j] * z[k][j];
+  }
+  if (p.norm_out[0] == nullptr) return;
+  const float inv_rms = rsqrtf(warp_sum(sum_squares) / static_cast<float>(p.width) + kRmsEps);
+  if (!live) return;
+#pragma unroll
+  for (int n = 0; n < 2; ++n) {
+    if (p.norm_out[n] == nullptr) continue;
+    const T* scale = p.norm_scale[n] + fuser * p.norm_fuser_stride[n];
+#pragma unroll
+    for (int k = 0; k < kVectors; ++k) {
+      const int column = (lane + 32 * k) * V;
+      if (lane + 32 * k >= vectors) continue;
+      float g[V];
+      load_vector<V>(scale + column, g);
+#pragma unroll
+      for (int j = 0; j < V; ++j) g[j] *= z[k][j] * inv_rms;
+      store_vector<V>(p.norm_out[n] + offset + column, g);
     }
   }
 }
@@ -170,11 +237,26 @@ void launch_gather(const GatherParams<T>& params, int entries, cudaStream_t stre
   C2C_LAUNCH(grid, kGatherThreads, stream, gather_rows_kernel<T>)(params);
 }
 
-// One block per row, a warp multiple of threads with at most kRowItems values each; the
-// host guarantees width <= kRowItems * 1024.
+template <typename T, int kVectors>
+void launch_row_epilogue_warps(const RowEpilogueParams<T>& params, int entries, cudaStream_t stream) {
+  const dim3 grid((params.tokens + kRowWarps - 1) / kRowWarps, entries);
+  C2C_LAUNCH(grid, kRowWarps * 32, stream, row_epilogue_warp_kernel<T, kVectors>)(params);
+}
+
+// One warp per row when the rows are whole aligned vectors and fit a lane's registers; else
+// one block per row, a warp multiple of threads with at most kRowItems values each (the host
+// guarantees width <= kRowItems * 1024).
 template <typename T>
-void launch_row_epilogue(const RowEpilogueParams<T>& params, int entries, cudaStream_t stream) {
+void launch_row_epilogue(const RowEpilogueParams<T>& params, int entries, bool vectorized, cudaStream_t stream) {
   if (params.tokens == 0 || entries == 0) return;
+  constexpr int V = vector_width<T>();
+  const int lane_vectors = (params.width / V + 31) / 32;
+  if (vectorized && params.width % V == 0 && lane_vectors <= kRowMaxVectors) {
+    if (lane_vectors <= 1) return launch_row_epilogue_warps<T, 1>(params, entries, stream);
+    if (lane_vectors <= 2) return launch_row_epilogue_warps<T, 2>(params, entries, stream);
+    if (lane_vectors <= 4) return launch_row_epilogue_warps<T, 4>(params, entries, stream);
+    return launch_row_epilogue_warps<T, kRowMaxVectors>(params, entries, stream);
+  }
   const int per_thread_rows = (params.width + kRowItems - 1) / kRowItems;
   const int threads = std::min(1024, std::max(32, (per_thread_rows + 31) / 32 * 32));
   const dim3 grid(params.tokens, entries);
@@ -201,7 +283,7 @@ void launch_gelu(T* data, int64_t count, cudaStream_t stream) {
 
 #define C2C_INSTANTIATE(T)                                                                  \
   template void launch_gather<T>(const GatherParams<T>&, int, cudaStream_t);               \
-  template void launch_row_epilogue<T>(const RowEpilogueParams<T>&, int, cudaStream_t);    \
+  template void launch_row_epilogue<T>(const RowEpilogueParams<T>&, int, bool, cudaStream_t); \
   template void launch_bias_epilogue<T>(const BiasEpilogueParams<T>&, int, cudaStream_t);  \
   template void launch_gelu<T>(T*, int64_t, cudaStream_t);
 C2C_INSTANTIATE(float)

@@ -30,8 +30,10 @@ constexpr int kGatherMaxEntries = 64;
 template <typename T>
 struct GatherParams {
   CacheView<T> views[kGatherMaxEntries];
-  bool vectorized[kGatherMaxEntries];  // 16-byte accesses are legal for this view
-  T* out;                              // rows of entry e start at out + e * tokens * heads * head_dim
+  bool vectorized[kGatherMaxEntries];  // 16-byte accesses are legal for this view (and for `out`)
+  T* out;                  // token t of entry e at out + e * out_entry_stride + t * out_row_stride
+  int64_t out_entry_stride;  // (the sharer and receiver rows share one [S; X] row: the input GEMM's)
+  int64_t out_row_stride;
   SlotList slots;                      // where each token's row lives in these views
   SlotList receiver_slots;             // padding marker: a negative receiver slot gives a zero row
   int64_t rows;                        // pool rows of every view (one geometry); slots past it give zero rows
@@ -49,17 +51,16 @@ struct FuserTable {
 };
 
 // One row of `width` values per (entry, token), rows entry-major in dense buffers:
-//   z = residual + delta + bias[fuser]              (fp32; a missing term counts as 0)
-//   residual_out = z,  plain_out = T(z),  norm_out[k] = T(rmsnorm(z) * norm_scale[k][fuser])
-// so the residual stream stays fp32 while every GEMM input is written once in the cache dtype.
+//   z = in + bias[fuser]                           (fp32; a missing bias counts as 0)
+//   out = T(z) (may be `in` itself),  norm_out[k] = T(rmsnorm(z) * norm_scale[k][fuser])
+// The residual stream lives in the cache dtype, as the Triton backend's: the FFNs' second GEMM
+// adds into it (beta = 1), so only a norm or a bias needs a pass of its own.
 template <typename T>
 struct RowEpilogueParams {
-  const float* residual;
-  const T* delta;
+  const T* in;
   const T* bias;
   int64_t bias_fuser_stride;
-  float* residual_out;
-  T* plain_out;
+  T* out;
   T* norm_out[2];
   const T* norm_scale[2];
   int64_t norm_fuser_stride[2];
@@ -134,8 +135,10 @@ constexpr int vector_width() {
 template <typename T>
 void launch_gather(const GatherParams<T>& params, int entries, cudaStream_t stream);
 
+// `vectorized`: every row pointer (in, out, norm_out, bias and norm_scale rows) is 16-byte
+// aligned and width a multiple of vector_width<T>(): one warp per row, 16-byte accesses.
 template <typename T>
-void launch_row_epilogue(const RowEpilogueParams<T>& params, int entries, cudaStream_t stream);
+void launch_row_epilogue(const RowEpilogueParams<T>& params, int entries, bool vectorized, cudaStream_t stream);
 
 template <typename T>
 void launch_bias_epilogue(const BiasEpilogueParams<T>& params, int entries, cudaStream_t stream);

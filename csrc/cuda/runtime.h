@@ -11,6 +11,8 @@
 namespace c2c::cuda {
 constexpr at::DeviceType kKernelDevice = at::kCPU;
 inline cudaStream_t current_stream() { return nullptr; }
+inline bool stream_capturing(cudaStream_t) { return false; }
+inline int64_t device_memory_bytes() { return 0; }  // unknown: the host code's default applies
 struct DeviceGuard {
   explicit DeviceGuard(const at::Device&) {}
 };
@@ -27,6 +29,16 @@ struct DeviceGuard {
 namespace c2c::cuda {
 constexpr at::DeviceType kKernelDevice = at::kCUDA;
 inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); }
+// Whether launches on `stream` are being captured into a CUDA graph (a query legal during capture).
+inline bool stream_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+// The current device's memory (cached device properties: no driver call, legal during capture).
+inline int64_t device_memory_bytes() {
+  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->totalGlobalMem);
+}
 using DeviceGuard = c10::cuda::CUDAGuard;
 }  // namespace c2c::cuda
 #define C2C_KERNEL_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
