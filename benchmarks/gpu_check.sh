@@ -246,8 +246,8 @@ COUNTS=$(test_counts "$LOG")
 record kernel-tests "$LOG" "$(head -n 1 <<< "$COUNTS")"
 tail -n +2 <<< "$COUNTS" | while IFS= read -r line; do say "$line"; done
 
-# 3. c2c-bench: its JSON is rewritten after each token count, so a killed run keeps the finished
-# ones. The autotuner's picks go to the log.
+# 3. c2c-bench: its JSON is rewritten as soon as each row is timed, so a killed run keeps every
+# finished row. The autotuner's picks go to the log.
 LOG=$OUT/bench.log
 if [ -n "${WARM_PID:-}" ]; then  # done or not: the bench needs the machine to itself
   kill -TERM "$WARM_PID" 2>/dev/null

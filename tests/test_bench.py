@@ -95,3 +95,28 @@ def test_decode_rows(tmp_path):
     rows = json.loads(out.read_text())["decode"]
     assert {r["batch"] for r in rows} == {2}
     assert any("reference" in r["variant"] for r in rows) and all(r["median_us"] > 0 for r in rows)
+
+
+def test_json_keeps_every_finished_row_when_stopped_mid_token_count(tmp_path, monkeypatch):
+    """gpu_check.sh kills c2c-bench at its stage limit: every row timed before the kill is on
+    disk, including those of the token count in progress (rows are written one by one)."""
+    from c2c_kernels.bench import run as run_mod
+
+    timed = []
+
+    def fake_time_gpu(call, **kwargs):
+        if len(timed) == 2:  # the third contender's timing: the stage limit strikes
+            raise KeyboardInterrupt
+        timed.append(call)
+        return Timing.of([1.0, 2.0, 3.0])
+
+    monkeypatch.setattr(run_mod, "_one_after_another", lambda inputs: True)  # the GPU path
+    monkeypatch.setattr(run_mod, "time_gpu", fake_time_gpu)
+    path = tmp_path / "rows.json"
+    with pytest.raises(KeyboardInterrupt):
+        main([*TINY, "--tokens", "3", "--dtype", "fp32", "--backends", "eager", "reference", "cpu",
+              "--json", str(path)])
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["eager", "reference"]
+    assert all(r["median_ms"] == 2.0 and r["error"] is None for r in rows)
+    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] == 1.0

@@ -63,9 +63,10 @@ def _check(inputs, name: str, expected, plan: Plan) -> dict:
     return row
 
 
-def _time(inputs, rows: list[dict], plan: Plan, peaks: dict) -> None:
+def _time(inputs, rows: list[dict], plan: Plan, peaks: dict, done=lambda row: None) -> None:
     """Time every contender that ran: one after the other with do_bench on a GPU (the device is
-    the run's own), interleaved rounds of wall clock on a CPU (other processes share it)."""
+    the run's own), interleaved rounds of wall clock on a CPU (other processes share it).
+    ``done(row)`` as soon as a row is final: on a GPU after each contender's timing."""
     calls, timings, errors = {}, {}, {}
     for row in rows:
         if row["error"] is not None:
@@ -78,21 +79,35 @@ def _time(inputs, rows: list[dict], plan: Plan, peaks: dict) -> None:
         except Exception as e:  # noqa: BLE001  (reported in the row)
             calls.pop(name, None)
             errors[name] = _error(e, plan.debug)
-    if inputs.device.type == "cuda":
+    by_name = {row["backend"]: row for row in rows}
+
+    def finish(name: str) -> None:
+        row = by_name[name]
+        if name in errors:
+            row["error"] = errors[name]
+        elif name in timings:
+            _fill(row, timings[name], peaks)
+        done(row)
+
+    for name in errors:  # failed before timing: final now
+        finish(name)
+    if _one_after_another(inputs):
         for name, call in calls.items():
             try:
                 timings[name] = time_gpu(call, rep_ms=max(100.0, 1e3 * plan.min_time_s))
             except Exception as e:  # noqa: BLE001  (reported in the row)
                 errors[name] = _error(e, plan.debug)
-    else:
+            finish(name)
+    else:  # interleaved rounds: every contender's timing ends at once
         timings, failed = time_interleaved(calls, min_time_s=plan.min_time_s)
         errors.update(failed)
-    for row in rows:
-        name = row["backend"]
-        if name in errors:
-            row["error"] = errors[name]
-        elif name in timings:
-            _fill(row, timings[name], peaks)
+        for name in calls:
+            finish(name)
+
+
+def _one_after_another(inputs) -> bool:
+    """GPU contenders are timed one after the other (each row final when its timing ends)."""
+    return inputs.device.type == "cuda"
 
 
 def _fill(row: dict, timing: Timing, peaks: dict) -> None:
@@ -118,7 +133,8 @@ def _config(r: dict):
 
 
 def run(plan: Plan, peaks: dict, on_rows=None) -> list[dict]:
-    """Every row of the plan; ``on_rows(rows)`` after each token count (partial results)."""
+    """Every row of the plan; ``on_rows(rows)`` with every final row so far, as soon as each one
+    is final (a run stopped in the middle of a token count keeps the contenders it timed)."""
     configs = [(w, layers, dtype, tokens) for w, layers in zip(plan.workloads, plan.layers)
                for dtype in plan.dtypes for tokens in plan.tokens]
     bar = progress(len(configs) * (len(plan.contenders) + plan.check + 1), plan.show_progress)
@@ -134,19 +150,28 @@ def run(plan: Plan, peaks: dict, on_rows=None) -> list[dict]:
                 bar.set_description(f"{label}: reference")
                 expected, _ = runners.fused_rows("reference", inputs)
                 bar.update()
-            group = []
+            group, finished = [], set()
+
+            def done(row, group=group, finished=finished):
+                finished.add(id(row))
+                if on_rows:
+                    partial = rows + [r for r in group if id(r) in finished]  # in plan order
+                    _speedups(partial)
+                    on_rows(partial)
+
             for name in plan.contenders:
                 bar.set_description(f"{label}: checking {name}")
                 group.append(_check(inputs, name, expected, plan))
                 bar.update()
             del expected
+            for row in group:
+                if row["error"] is not None:  # raised in its check: final now
+                    done(row)
             bar.set_description(f"{label}: timing")
-            _time(inputs, group, plan, peaks)
+            _time(inputs, group, plan, peaks, done)
             bar.update()
             rows += group
             _speedups(rows)
-            if on_rows:
-                on_rows(rows)
             del inputs, group
     finally:
         bar.close()

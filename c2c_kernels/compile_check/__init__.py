@@ -11,6 +11,7 @@ try is compiled and recorded, and the first one is taken.
 It must run in a process where ``TRITON_INTERPRET`` is not set (the test suite's conftest sets
 it, so tests run it in a subprocess: ``python -m c2c_kernels.compile_check``).
 """
-from .driver import H200, Launch, StandInDriver, as_stand_in, stand_in_h200, stand_in_tensor
+from .driver import A100, GPUS, H200, Launch, StandInDriver, as_stand_in, stand_in_gpu, stand_in_h200, stand_in_tensor
 
-__all__ = ["H200", "Launch", "StandInDriver", "as_stand_in", "stand_in_h200", "stand_in_tensor"]
+__all__ = ["A100", "GPUS", "H200", "Launch", "StandInDriver", "as_stand_in", "stand_in_gpu", "stand_in_h200",
+           "stand_in_tensor"]

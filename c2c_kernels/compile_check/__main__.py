@@ -106,7 +106,9 @@ def main(argv=None) -> int:
                 for launch in driver.launches[before:]:
                     rows.append(dict(call=name, kernel=launch.kernel, grid=list(launch.grid),
                                      num_warps=launch.num_warps, num_stages=launch.num_stages,
-                                     shared=launch.shared, signature=launch.signature, constexprs={k: str(v) for k, v in launch.constexprs.items()}))
+                                     shared=launch.shared, signature=launch.signature,
+                                     constexprs={k: str(v) for k, v in launch.constexprs.items()},
+                                     registers=launch.registers, spills=launch.spills, mma=list(launch.mma)))
                 print(f"ok   {name}: {len(driver.launches) - before} launch(es), {seconds:.2f} s")
     kernels = {(r["kernel"], r["signature"], json.dumps(r["constexprs"], sort_keys=True), r["num_warps"], r["num_stages"])
                for r in rows}

@@ -1,4 +1,9 @@
-"""The stand-in Triton driver and the CUDA-looking meta tensors (see the package docstring)."""
+"""The stand-in Triton driver and the CUDA-looking meta tensors (see the package docstring).
+
+The driver stands in for an H200 (sm_90a) by default, or for any GPU of ``occupancy.ARCHS``
+(an A100 for sm_80). It reads each compiled kernel's cubin the way the CUDA driver would on
+loading it (registers, local memory), so ``n_regs``/``n_spills`` and the recorded launches carry
+real figures."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +16,10 @@ from torch.utils._pytree import tree_map
 H200 = dict(capability=(9, 0), max_shared_mem=232448, multiprocessor_count=132, max_num_regs=65536,
             warpSize=32, sm_clock_rate=1980000, mem_clock_rate=2619000, mem_bus_width=6144,
             name="NVIDIA H200 (stand-in)", total_memory=141 * 2**30)
+A100 = dict(capability=(8, 0), max_shared_mem=166912, multiprocessor_count=108, max_num_regs=65536,
+            warpSize=32, sm_clock_rate=1410000, mem_clock_rate=1593000, mem_bus_width=5120,
+            name="NVIDIA A100 (stand-in)", total_memory=80 * 2**30)
+GPUS = {"sm_90a": H200, "sm_80": A100}
 
 _FAKE_BASE = 1 << 40  # address of the first stand-in storage; 16-byte aligned, never 0
 _STORAGE_SPAN = 1 << 36  # each storage gets its own address range (views of one storage share it)
@@ -32,9 +41,46 @@ class Launch:
     signature: str
     num_warps: int
     num_stages: int
-    shared: int
+    shared: int  # dynamic shared memory (Triton's metadata.shared)
     registers: int | None = None
-    spills: int | None = None
+    spills: int | None = None  # local memory per thread (stack frame + local), bytes: the spills
+    static_shared: int = 0
+    gemm: bool | None = None  # the kernel's TTIR holds a tt.dot
+    mma: tuple = ()  # matrix instructions of its PTX: "wgmma" (wgmma.mma_async), "mma" (mma.sync)
+    hash: str = ""  # Triton's compile hash: one compiled binary
+
+
+@dataclass
+class _Function:
+    """What load_binary hands Triton as the kernel's function: the cubin's resources."""
+    name: str
+    registers: int
+    local_bytes: int  # stack frame + local memory per thread
+    static_shared: int
+
+
+def _load(name, cubin) -> _Function:
+    from .resources import cubin_resources
+
+    found = cubin_resources(cubin, threads=False)
+    r = found.get(name) or next(iter(found.values()), None)
+    if r is None:
+        raise RuntimeError(f"stand-in driver: cuobjdump found no function in the cubin of {name}")
+    return _Function(name, r.registers, r.spill_bytes, r.static_shared)
+
+
+def _compiled_text(metadata, suffix: str) -> str | None:
+    """A file Triton kept for this compiled kernel (its .ptx or .ttir) in its cache."""
+    from triton.runtime.cache import get_cache_manager
+
+    try:
+        path = get_cache_manager(metadata.hash).get_file(f"{metadata.name}.{suffix}")
+    except Exception:  # noqa: BLE001  (a cache without files: report unknown)
+        return None
+    if not path or not isinstance(path, str):
+        return None
+    with open(path) as f:
+        return f.read()
 
 
 class _Utils:
@@ -42,11 +88,13 @@ class _Utils:
         self._driver = driver
 
     def get_device_properties(self, device):
-        return dict(H200)
+        return dict(self._driver.gpu)
 
     def load_binary(self, name, kernel, shared, device):
-        # (module, function, registers, spills, max threads per block): nothing is loaded.
-        return None, None, 0, 0, 1024
+        # (module, function, registers, spills, max threads per block), as the CUDA driver
+        # answers (spills: local bytes / 4); nothing is loaded.
+        function = _load(name, kernel)
+        return None, function, function.registers, function.local_bytes // 4, 1024
 
     def unload_module(self, module):
         pass
@@ -59,10 +107,18 @@ class _Launcher:
     def __call__(self, grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata,
                  enter_hook, exit_hook, *args):
         md = self._metadata
+        if not hasattr(self, "_code"):  # once per compiled kernel
+            ttir, ptx = _compiled_text(md, "ttir"), _compiled_text(md, "ptx")
+            self._code = (None if ttir is None else "tt.dot" in ttir,
+                          () if ptx is None else tuple(m for m, op in (("wgmma", "wgmma.mma_async"),
+                                                                       ("mma", "mma.sync")) if op in ptx))
+        f = function if isinstance(function, _Function) else None
         self._driver.launches.append(Launch(
             md.name, (grid_x, grid_y, grid_z), _constexprs(self._src),
             ",".join(str(v) for v in getattr(self._src, "signature", {}).values()),
-            md.num_warps, md.num_stages, md.shared))
+            md.num_warps, md.num_stages, md.shared,
+            registers=f and f.registers, spills=f and f.local_bytes, static_shared=f.static_shared if f else 0,
+            gemm=self._code[0], mma=self._code[1], hash=getattr(md, "hash", "")))
 
 
 def _constexprs(src) -> dict:
@@ -75,12 +131,14 @@ def _constexprs(src) -> dict:
 
 
 class StandInDriver:
-    """A Triton driver for an H200 that is not there: compiles, never runs."""
+    """A Triton driver for a GPU that is not there (an H200 unless told): compiles, never runs."""
 
-    def __init__(self):
+    def __init__(self, gpu: dict = H200):
         from triton.backends.compiler import GPUTarget
 
-        self.target = GPUTarget("cuda", 90, 32)
+        self.gpu = dict(gpu)
+        major, minor = gpu["capability"]
+        self.target = GPUTarget("cuda", 10 * major + minor, 32)
         self.utils = _Utils(self)
         self.launches: list[Launch] = []
         self.benchmarked: list[str] = []  # autotune configs the autotuner would have timed
@@ -109,7 +167,7 @@ class StandInDriver:
         return 0
 
     def get_device_capability(self, device=None):
-        return H200["capability"]
+        return self.gpu["capability"]
 
     def map_python_to_cpp_type(self, ty: str) -> str:
         from triton.backends.nvidia.driver import ty_to_cpp
@@ -226,18 +284,25 @@ def stand_in_tensor(shape, dtype=torch.float32, stride=None) -> torch.Tensor:
     return _StandInCuda(meta)
 
 
-@contextlib.contextmanager
 def stand_in_h200():
     """Within: Triton compiles for the stand-in H200 and records launches; ``device="cuda"``
     tensors are stand-ins; torch.cuda reports one H200. Yields the driver."""
+    return stand_in_gpu(H200)
+
+
+@contextlib.contextmanager
+def stand_in_gpu(gpu: dict = H200):
+    """:func:`stand_in_h200` for any GPU of ``GPUS`` (``gpu`` is one of its dicts). One GPU per
+    process: a Triton function keeps the target it was first compiled for."""
     from unittest import mock
 
     from triton.runtime.driver import driver as config
 
-    driver = StandInDriver()
-    props = type("Props", (), dict(multi_processor_count=H200["multiprocessor_count"], major=9, minor=0,
-                                   name=H200["name"], total_memory=H200["total_memory"],
-                                   shared_memory_per_block_optin=H200["max_shared_mem"]))()
+    driver = StandInDriver(gpu)
+    major, minor = gpu["capability"]
+    props = type("Props", (), dict(multi_processor_count=gpu["multiprocessor_count"], major=major, minor=minor,
+                                   name=gpu["name"], total_memory=gpu["total_memory"],
+                                   shared_memory_per_block_optin=gpu["max_shared_mem"]))()
     previous = config._active
     config.set_active(driver)
     try:
@@ -245,7 +310,7 @@ def stand_in_h200():
             for name, value in (("is_available", lambda: True), ("device_count", lambda: 1),
                                 ("current_device", lambda: 0), ("is_current_stream_capturing", lambda: False),
                                 ("get_device_properties", lambda device=None: props),
-                                ("get_device_capability", lambda device=None: H200["capability"])):
+                                ("get_device_capability", lambda device=None: gpu["capability"])):
                 stack.enter_context(mock.patch.object(torch.cuda, name, value))
             stack.enter_context(_FactoryMode())
             yield driver
