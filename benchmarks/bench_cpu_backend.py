@@ -16,8 +16,13 @@ the ratios the issue sets targets for: bf16 cpu >= 1.5x eager and >= 70% of the 
 rate at 512 tokens; fp32 cpu no slower than eager. Last, the host overhead of one
 ``c2c.fuse`` call at a tiny shape, split into Python layers.
 
+With ``--only stages`` it prints where the cpu backend's time goes instead: milliseconds per
+``c2c.fuse`` call per stage (``cpu.stage_times``: gather, GEMMs, norms and conversions, head
+logits, merge), for the engine ``C2C_CPU_GEMM`` selects (or the automatic choice).
+
     python benchmarks/bench_cpu_backend.py [--tokens 64 512] [--dtypes bfloat16 float32]
                                            [--rounds 7] [--threads N] [--json out.json]
+                                           [--only workload|host|stages]
 """
 from __future__ import annotations
 
@@ -98,6 +103,57 @@ def bench_workload(tokens: int, dtype: torch.dtype, rounds: int, min_time: float
     return out
 
 
+STAGE_ORDER = ("gather", "params", "gemm_input", "gemm_up", "gemm_down", "gemm_output", "norms", "head_logits",
+               "merge")
+
+
+def bench_stages(tokens: int, dtype: torch.dtype, rounds: int, min_time: float) -> dict:
+    """Milliseconds per c2c.fuse call in each stage, the median over ``rounds`` samples."""
+    weights, ckpt, (rk, rv), (sk, sv) = workload_case(tokens, dtype)
+    (rkv, rvv), (skv, svv) = layouts.hf_views(rk, rv), layouts.hf_views(sk, sv)
+    slots = torch.arange(tokens)
+    params = ckpt.layers[0].params
+    cpu = backends.resolve("cpu", torch.device("cpu"))
+
+    def call():
+        c2c.fuse(rkv, rvv, skv, svv, slots, slots, params, backend="cpu")
+
+    call()
+    samples = []
+    try:
+        for _ in range(rounds):
+            cpu.stage_times(enable=True)
+            wall = timing.time_per_call(call, min_time)
+            t = cpu.stage_times(enable=False)
+            calls = max(t.pop("calls"), 1)
+            per_call = {k: v * 1e3 / calls for k, v in t.items()}
+            per_call["total"] = wall * 1e3
+            samples.append(per_call)
+    finally:
+        cpu.stage_times(enable=False)
+    return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+
+
+def run_stages(args) -> list[dict]:
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for tokens in args.tokens:
+            r = bench_stages(tokens, dtype, args.rounds, args.min_time)
+            rows.append({"dtype": dtype_name, "tokens": tokens, "config": backends.get("cpu").config(dtype), **r})
+    keys = [*STAGE_ORDER, "total", "gelu_thread_s", "widen_thread_s", "zero_c"]
+    print("\n# ms per c2c.fuse call (one layer, K+V) by stage, summed over K and V; gelu/widen: thread-ms "
+          "inside the GEMM stages")
+    print(f"{'stage':>14} " + " ".join(f"{r['dtype'][:4] + ' ' + str(r['tokens']):>10}" for r in rows))
+    for k in keys:
+        print(f"{k:>14} " + " ".join(f"{r[k]:10.3f}" for r in rows))
+    # Entries (K and V) may run one per thread at once: stage times then add up to about
+    # threads x the wall time of a call.
+    accounted = [sum(r[k] for k in STAGE_ORDER) / r["total"] for r in rows]
+    print(f"{'sum / wall':>14} " + " ".join(f"{a:10.0%}" for a in accounted))
+    return rows
+
+
 def bench_host_overhead(rounds: int, min_time: float) -> dict:
     """Per-call time of each layer around the kernel at a tiny shape (1 token, tiny fuser)."""
     w = c2c.random_weights(2, 1, 4, 2, 4, 8, 8, 3)
@@ -129,7 +185,7 @@ def main(argv=None) -> int:
     ap.add_argument("--min-time", type=float, default=0.2, help="seconds per sample (at least one call)")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--only", choices=["workload", "host"], default=None, help="run one part only")
+    ap.add_argument("--only", choices=["workload", "host", "stages"], default=None, help="run one part only")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,7 +203,13 @@ def main(argv=None) -> int:
         print(f"# cpu backend, {dtype_name}: {cpu.config(getattr(torch, dtype_name))}")
     print(f"# median of {args.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f} at start")
     rows, verdicts, host = [], [], {}
-    if args.only != "host":
+    if args.only == "stages":
+        rows = run_stages(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"workload": WORKLOAD, "threads": torch.get_num_threads(), "stages": rows}, f, indent=1)
+        return 0
+    if args.only not in ("host",):
         rows, verdicts = run_workloads(args)
     if args.only != "workload":
         host = bench_host_overhead(args.rounds, min(args.min_time, 0.1))

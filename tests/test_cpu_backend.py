@@ -29,10 +29,11 @@ def gemm_engine(monkeypatch, request):
     return request.param
 
 
-@pytest.mark.parametrize("gemm_engine", ["fp32", "native"], indirect=True)
+@pytest.mark.parametrize("gemm_engine", ["fp32", "native", "brgemm"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_both_gemm_engines(gemm_engine, dtype):
-    """16-bit caches through the fp32 engine (weights widened per block) and ATen's 16-bit GEMMs."""
+    """16-bit caches through the fp32 engine (weights widened per block), ATen's 16-bit GEMMs and
+    the brgemm micro-kernel."""
     case = make_case(layout="flashinfer_hnd", sharer_layout="vllm_nhd", dtype=dtype, seed=21, hidden=96,
                      intermediate=80, seq_lens=(9, 4, 6), padding=3)
     expected = reference_fused(case)
@@ -141,10 +142,13 @@ def test_large_activations_gelu_tails():
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-4)
 
 
-_SCALAR_SCRIPT = r"""
-import torch, c2c_kernels
+_ROW_KERNEL_SCRIPT = r"""
+import sys, torch, c2c_kernels
+from c2c_kernels import backends
 from c2c_kernels.testing import assert_storage_close, make_case, reference_fused
+print(backends.get("cpu").config(torch.float32))
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    # widths that leave a tail after every vector width (7, 5, 40 + 8 x 7, 24)
     case = make_case(layout="flashinfer_nhd", dtype=dtype, seed=19, seq_lens=(5, 9), padding=2,
                      receiver_dim=7, sharer_dim=5, hidden=40, intermediate=24)
     expected = reference_fused(case)
@@ -154,12 +158,29 @@ print("ok")
 """
 
 
-def test_portable_row_kernels():
-    """C2C_CPU_VEC=scalar (chosen once per process) runs the non-AVX2 code path."""
-    env = {**os.environ, "C2C_CPU_VEC": "scalar", "C2C_CPU_GEMM": "fp32"}
-    out = subprocess.run([sys.executable, "-c", _SCALAR_SCRIPT], env=env, capture_output=True, text=True,
+def _row_kernels(vec: str) -> str:
+    env = {**os.environ, "C2C_CPU_VEC": vec, "C2C_CPU_GEMM": "fp32"}
+    out = subprocess.run([sys.executable, "-c", _ROW_KERNEL_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_portable_row_kernels():
+    """C2C_CPU_VEC=scalar (chosen once per process) runs the portable code path."""
+    assert "vec=scalar" in _row_kernels("scalar")
+
+
+@pytest.mark.parametrize("vec", ["avx2", "auto"])
+def test_vectorised_row_kernels(vec):
+    """The at::vec row kernels of each instruction set this CPU has (AVX2 forced; the widest by
+    default), tails included; on a CPU without them the next narrower set (or scalar) runs."""
+    line = _row_kernels(vec)
+    caps = torch.backends.cpu.get_cpu_capability()
+    if vec == "avx2" and caps in ("AVX2", "AVX512"):
+        assert "vec=avx2 (at::vec)" in line
+    if vec == "auto" and caps == "AVX512":
+        assert "vec=avx512 (at::vec)" in line
 
 
 def test_config_reports_the_engine(monkeypatch):
@@ -169,4 +190,8 @@ def test_config_reports_the_engine(monkeypatch):
     assert cpu.config(torch.bfloat16).startswith("gemm=native16")
     monkeypatch.setenv("C2C_CPU_GEMM", "fp32")
     assert cpu.config(torch.float16).startswith("gemm=fp32")
+    monkeypatch.setenv("C2C_CPU_GEMM", "brgemm")
+    assert cpu.config(torch.bfloat16).startswith("gemm=brgemm")
+    monkeypatch.delenv("C2C_CPU_GEMM")
+    assert cpu.config(torch.bfloat16).startswith("gemm=auto")
     assert f"threads={torch.get_num_threads()}" in cpu.config(torch.float32)

@@ -309,13 +309,13 @@ def test_poisoning_follows_the_environment():
 
 @pytest.mark.parametrize("widths", list(WIDTHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("engine", ["fp32", "native"])
+@pytest.mark.parametrize("engine", ["fp32", "native", "brgemm"])
 def test_gemm_engines_match_the_reference(monkeypatch, engine, dtype, widths):
-    """Both engines (the session poisons workspaces, see tests/conftest.py); fp32 caches always
+    """Every engine (the session poisons workspaces, see tests/conftest.py); fp32 caches always
     take the fp32 engine."""
     monkeypatch.setenv("C2C_CPU_GEMM", engine)
     if dtype != torch.float32:
-        assert cpu().config(dtype).startswith("gemm=" + ("fp32" if engine == "fp32" else "native16"))
+        assert cpu().config(dtype).startswith("gemm=" + {"fp32": "fp32", "native": "native16"}.get(engine, engine))
     check_engine_case(dtype, widths)
 
 
@@ -325,7 +325,7 @@ from c2c_kernels import backends
 import test_cpu_safety as t
 cpu = backends.get("cpu")
 assert "workspaces=poisoned" in cpu.config(torch.float32), cpu.config(torch.float32)
-for engine in ("fp32", "native"):
+for engine in ("fp32", "native", "brgemm"):
     os.environ["C2C_CPU_GEMM"] = engine
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for widths in t.WIDTHS:

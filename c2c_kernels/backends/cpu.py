@@ -1,13 +1,16 @@
 """The native CPU backend (``csrc/cpu``): fused gather, norms, activations and merge around
 ATen GEMMs, multi-threaded. Needs the compiled extension ``c2c_kernels._C``.
 
-How it computes (see ``config(dtype)``): fp32 caches run ATen's fp32 GEMM (MKL) split by
-columns over the intra-op threads. 16-bit caches run ATen's 16-bit GEMM (oneDNN) where the
-CPU has AMX or AVX512-BF16/FP16; elsewhere their weights are widened to fp32 one block at a
-time and the fp32 GEMM is used (ATen's 16-bit GEMM is many times slower than fp32 there).
-Environment knobs, for tests and benchmarks: ``C2C_CPU_GEMM=fp32|native`` (16-bit engine),
-``C2C_CPU_VEC=scalar`` (portable row kernels, read once), ``C2C_CPU_WBLOCK`` (weight rows
-widened per block), ``C2C_CPU_SPLIT=0`` (leave fp32 GEMM threading to BLAS).
+How it computes (docs/cpu.md; ``config(dtype)``): fp32 caches run ATen's fp32 GEMM (MKL)
+split by columns over the intra-op threads. 16-bit caches have three GEMM engines: ``fp32``
+(weights widened to fp32 one block at a time, fp32 BLAS), ``native16`` (ATen's 16-bit GEMM,
+oneDNN) and ``brgemm`` (ATen's cpublas::brgemm micro-kernel, fp32 outputs). The first call of
+each (dtype, token class, hidden width) times one GEMM on each, checks it against fp32, and
+keeps the fastest for the process (``engine_choices()``); the CPU flags give the prior.
+Environment knobs, for tests and benchmarks: ``C2C_CPU_GEMM=fp32|native|brgemm`` (forces the
+16-bit engine, read on every call), ``C2C_CPU_VEC=scalar`` (portable row kernels, read once),
+``C2C_CPU_WBLOCK`` (weight rows widened per block), ``C2C_CPU_SPLIT=0`` (leave fp32 GEMM
+threading to BLAS).
 """
 from __future__ import annotations
 
@@ -26,6 +29,33 @@ def unavailable():
 def config(dtype: torch.dtype = torch.bfloat16) -> str:
     """How caches of ``dtype`` are computed on this machine (GEMM engine, row kernels, threads)."""
     return torch.ops.c2c_native.cpu_config(dtype)
+
+
+def choose_engine(dtype: torch.dtype, tokens: int, hidden: int) -> str:
+    """The GEMM engine (``fp32``, ``native16`` or ``brgemm``) a call on ``dtype`` caches with
+    ``tokens`` valid tokens and fuser width ``hidden`` runs; measured and cached at the first
+    call of its class unless ``C2C_CPU_GEMM`` forces one."""
+    return torch.ops.c2c_native.cpu_choose_engine(dtype, tokens, hidden)
+
+
+def engine_choices(clear: bool = False) -> list[str]:
+    """One line per measured (dtype, token class, hidden): GEMM times per engine and the choice.
+    ``clear`` forgets the choices (the next call of each class measures again)."""
+    return [line for line in torch.ops.c2c_native.cpu_engine_choices(clear).splitlines() if line]
+
+
+def stage_times(enable: bool = True) -> dict[str, float]:
+    """Seconds spent per stage by the fuse/project calls since the last call (summed over the
+    entries of a call, which may run one per thread at once), plus ``calls``;
+    resets the counters, and collects from now on while ``enable`` (off at start). Keys:
+    gather, params, gemm_input, gemm_up (GELU epilogue included), gemm_down, gemm_output,
+    norms, head_logits, merge; gelu_thread_s and widen_thread_s are thread-seconds spent inside
+    the GEMM stages, zero_c the 16-bit GEMM outputs zeroed inside them."""
+    out = {}
+    for item in torch.ops.c2c_native.cpu_stage_times(enable).split():
+        key, value = item.split("=")
+        out[key] = float(value)
+    return out
 
 
 def fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers):

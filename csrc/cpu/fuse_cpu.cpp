@@ -9,6 +9,7 @@
 #include "cpu/common.h"
 #include "cpu/fuser.h"
 #include "cpu/gemm.h"
+#include "cpu/profile.h"
 #include "cpu/vec.h"
 
 namespace c2c::cpu {
@@ -42,11 +43,38 @@ void check_entries(const std::vector<at::Tensor>& receiver_caches, const std::ve
   check_one_pool("sharer_caches", sharer_caches);
 }
 
+// Workspace buffers of the calling thread, kept across calls (no fresh pages to fault in on
+// every call) unless they grew past kKeepBytes.
+constexpr int64_t kKeepBytes = int64_t{64} << 20;
+
+std::vector<at::Tensor>& thread_workspace() {
+  thread_local std::vector<at::Tensor> ws;
+  return ws;
+}
+
+void trim_workspace() {
+  auto& ws = thread_workspace();
+  int64_t bytes = 0;
+  for (const auto& t : ws) bytes += t.defined() ? t.nbytes() : 0;
+  if (bytes > kKeepBytes) ws.clear();
+}
+
+// run(entry) for each of `entries`, one after another, each GEMM and row pass using every
+// intra-op thread. (Running entries one per thread at once, with single-threaded GEMMs, was
+// tried and did not measure faster on a shared 2-core machine.) Entries write distinct receiver
+// views and each reads only its own, so the order does not matter.
+template <typename F>
+void for_entries(const std::vector<int64_t>& entries, const F& run) {
+  for (int64_t i : entries) run(i);
+  trim_workspace();
+}
+
 }  // namespace
 
 void fuse(const std::vector<at::Tensor>& receiver_caches, const std::vector<at::Tensor>& sharer_caches,
           const at::Tensor& receiver_slots, const at::Tensor& sharer_slots, const std::vector<at::Tensor>& weights,
           const std::vector<int64_t>& fusers) {
+  prof::count_call();
   const StackedWeights w(weights);
   check_entries(receiver_caches, sharer_caches, w, fusers);
   if (fusers.empty()) return;
@@ -56,16 +84,18 @@ void fuse(const std::vector<at::Tensor>& receiver_caches, const std::vector<at::
   bool any_open = false;
   for (int64_t f : fusers) any_open = any_open || w.gate_open(f);
   if (!any_open) return;  // closed gates: no work at all
-  const Engine engine = choose_engine(w.dtype);
-  std::vector<at::Tensor> workspace;
-  Sink sink;
-  // Entries write distinct receiver views and each reads only its own, so running them one
-  // after another still has every entry read the rows as they were when the call began.
+  const Engine engine = choose_engine(w.dtype, tokens.size(), w.hidden);
+  // Entries write distinct receiver views and each reads only its own, so running them in any
+  // order (or at once) still has every entry read the rows as they were when the call began.
+  std::vector<int64_t> open;
   for (size_t i = 0; i < fusers.size(); ++i) {
-    if (!w.gate_open(fusers[i])) continue;
-    sink.receiver = &receiver_caches[i];
-    run_fuser(w, fusers[i], engine, receiver_caches[i], sharer_caches[i], tokens, sink, workspace);
+    if (w.gate_open(fusers[i])) open.push_back(static_cast<int64_t>(i));
   }
+  for_entries(open, [&](int64_t i) {
+    Sink sink;
+    sink.receiver = &receiver_caches[i];
+    run_fuser(w, fusers[i], engine, receiver_caches[i], sharer_caches[i], tokens, sink, thread_workspace());
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> project(const std::vector<at::Tensor>& receiver_caches,
@@ -73,6 +103,7 @@ std::tuple<at::Tensor, at::Tensor> project(const std::vector<at::Tensor>& receiv
                                            const at::Tensor& receiver_slots, const at::Tensor& sharer_slots,
                                            const std::vector<at::Tensor>& weights,
                                            const std::vector<int64_t>& fusers) {
+  prof::count_call();
   const StackedWeights w(weights);
   check_entries(receiver_caches, sharer_caches, w, fusers);
   const int64_t r = static_cast<int64_t>(fusers.size()), t = receiver_slots.size(0);
@@ -83,15 +114,18 @@ std::tuple<at::Tensor, at::Tensor> project(const std::vector<at::Tensor>& receiv
   // Every valid token gets its rows, duplicated receiver slots included.
   const Tokens tokens = valid_tokens(receiver_slots, pool_rows(receiver_caches[0]), &sharer_slots,
                                      pool_rows(sharer_caches[0]), /*dedupe=*/false);
-  const Engine engine = choose_engine(w.dtype);
-  std::vector<at::Tensor> workspace;
-  for (int64_t i = 0; i < r; ++i) {
-    // A closed gate still gets its projection (head_scale 0), as the reference returns it.
+  const Engine engine = choose_engine(w.dtype, tokens.size(), w.hidden);
+  float* const proj = projection.data_ptr<float>();
+  float* const scale = head_scale.data_ptr<float>();
+  // A closed gate still gets its projection (head_scale 0), as the reference returns it.
+  std::vector<int64_t> all(r);
+  for (int64_t i = 0; i < r; ++i) all[i] = i;
+  for_entries(all, [&](int64_t i) {
     Sink sink;
-    sink.projection = projection[i].data_ptr<float>();
-    sink.head_scale = head_scale[i].data_ptr<float>();
-    run_fuser(w, fusers[i], engine, receiver_caches[i], sharer_caches[i], tokens, sink, workspace);
-  }
+    sink.projection = proj + i * t * w.receiver_width;
+    sink.head_scale = scale + i * t * w.receiver_heads;
+    run_fuser(w, fusers[i], engine, receiver_caches[i], sharer_caches[i], tokens, sink, thread_workspace());
+  });
   return {projection, head_scale};
 }
 
@@ -151,11 +185,31 @@ void merge(const std::vector<at::Tensor>& receiver_caches, const at::Tensor& rec
   });
 }
 
+std::string stage_times(bool enable) { return prof::take(enable); }
+
+std::string choose_engine_name(c10::ScalarType dtype, int64_t tokens, int64_t hidden) {
+  dt_of(dtype);  // refuses other dtypes
+  TORCH_CHECK_VALUE(tokens >= 0 && hidden > 0, "c2c cpu: expected tokens >= 0 and hidden > 0, got ", tokens, " and ",
+                    hidden);
+  return engine_name(choose_engine(dtype, tokens, hidden));
+}
+
+std::string engine_choices(bool clear) { return engine_log(clear); }
+
 std::string config(c10::ScalarType dtype) {
-  const Engine engine = choose_engine(dtype);
-  std::string gemm = engine_name(engine);
-  if (engine == Engine::F32 && dtype != at::kFloat) gemm += " (16-bit weights widened to fp32 per block)";
-  if (engine == Engine::Native16) gemm += " (ATen/oneDNN 16-bit GEMM)";
+  dt_of(dtype);
+  const int forced = forced_engine(dtype);
+  std::string gemm;
+  if (forced >= 0) {
+    const Engine engine = static_cast<Engine>(forced);
+    gemm = engine_name(engine);
+    if (engine == Engine::F32 && dtype != at::kFloat) gemm += " (16-bit weights widened to fp32 per block)";
+    if (engine == Engine::Native16) gemm += " (ATen/oneDNN 16-bit GEMM)";
+    if (engine == Engine::Brgemm) gemm += " (ATen cpublas::brgemm, fp32 outputs)";
+  } else {
+    gemm = std::string("auto (measured at first use per token class; CPU-flag prior ") +
+           engine_name(prior_engine(dtype)) + ")";
+  }
   return "gemm=" + gemm + " vec=" + vec().name + " threads=" + std::to_string(at::get_num_threads()) +
          (poisoning() ? " workspaces=poisoned" : "");
 }

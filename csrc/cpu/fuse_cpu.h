@@ -24,7 +24,18 @@ void merge(const std::vector<at::Tensor>& receiver_caches, const at::Tensor& rec
            const std::vector<at::Tensor>& projections, const std::vector<at::Tensor>& head_scales);
 
 // "gemm=<engine> vec=<row kernels> threads=<n>" for caches of `dtype` on this CPU, plus
-// " workspaces=poisoned" under C2C_POISON_WORKSPACES=1.
+// " workspaces=poisoned" under C2C_POISON_WORKSPACES=1. The engine is the one C2C_CPU_GEMM
+// forces (always fp32 for fp32 caches), else "auto (... prior <engine>)".
 std::string config(c10::ScalarType dtype);
+
+// The engine a call with `tokens` valid tokens and fuser hidden width `hidden` runs (measured
+// and cached at the first call of its class, see cpu/gemm.h).
+std::string choose_engine_name(c10::ScalarType dtype, int64_t tokens, int64_t hidden);
+// The measured choices so far, one line each; `clear` forgets them.
+std::string engine_choices(bool clear);
+
+// Per-stage seconds of the fuse/project calls since the last call ("calls=N gather=... "),
+// reset on every call; `enable` turns collection on or off from now on (off at start).
+std::string stage_times(bool enable);
 
 }  // namespace c2c::cpu

@@ -13,6 +13,7 @@
 // Engine::F32 keeps every activation fp32 and accumulates the FFN outputs straight into the
 // residual stream u (GEMM beta = 1). Engine::Native16 feeds the GEMMs 16-bit activations and
 // keeps the residual stream fp32 (outputs come back 16-bit, added in the row passes).
+// Engine::Brgemm feeds 16-bit activations and accumulates fp32 outputs into u, as F32 does.
 #include "cpu/fuser.h"
 
 #include <ATen/Parallel.h>
@@ -22,6 +23,7 @@
 #include <limits>
 #include <utility>
 
+#include "cpu/profile.h"
 #include "fuser_weights.h"
 
 namespace c2c::cpu {
@@ -145,9 +147,10 @@ class FuserRun {
   FuserRun(const StackedWeights& w, int64_t f, Engine engine, const Tokens& tokens, std::vector<at::Tensor>& ws)
       : w_(w), f_(f), engine_(engine), tokens_(tokens), M(tokens.size()), H(w.hidden), I(w.intermediate),
         B(w.blocks), Ks(w.sharer_width), Kt(w.receiver_width), Ht(w.receiver_heads), Dh(Kt / Ht),
-        cdt(dt_of(w.dtype)), f32(engine == Engine::F32), ad(f32 ? Dt::F32 : cdt), sp(w, f),
-        gate(w.gate_open(f) ? 1.f : 0.f) {
-    const c10::ScalarType ast = f32 ? at::kFloat : w.dtype;  // dtype of GEMM inputs and outputs
+        cdt(dt_of(w.dtype)), ad(a_dtype(engine, cdt)), cd(c_dtype(engine, cdt)), f32(ad == Dt::F32),
+        acc(cd == Dt::F32), sp(w, f), gate(w.gate_open(f) ? 1.f : 0.f) {
+    const c10::ScalarType ast = f32 ? at::kFloat : w.dtype;  // dtype of GEMM inputs
+    const c10::ScalarType cst = acc ? at::kFloat : w.dtype;  // dtype of GEMM outputs
     // Buffers (reused across fusers of a call).
     gs = Mat{buffer(ws, 0, M, Ks, ast).data_ptr(), ad, Ks};
     gx = Mat{buffer(ws, 1, M, Kt, ast).data_ptr(), ad, Kt};
@@ -162,13 +165,20 @@ class FuserRun {
     void* const hid_p = buffer(ws, 5, M, std::max(I, H), ast).data_ptr();
     hid_ffn = Mat{hid_p, ad, I};
     hid_head = Mat{hid_p, ad, H};
-    O = Mat{buffer(ws, 6, M, H, ast).data_ptr(), ad, H};
-    Y = Mat{buffer(ws, 7, M, Kt, ast).data_ptr(), ad, Kt};
+    O = Mat{buffer(ws, 6, M, H, cst).data_ptr(), cd, H};
+    Y = Mat{buffer(ws, 7, M, Kt, cst).data_ptr(), cd, Kt};
     scale = buffer(ws, 8, M, Ht, at::kFloat).data_ptr<float>();
+    if (acc && !f32) {
+      // Brgemm: fp32 outputs of the up-projections, GELU'd into the 16-bit hid by the epilogue.
+      void* const hid32_p = buffer(ws, 9, M, std::max(I, H), at::kFloat).data_ptr();
+      hid_ffn32 = Mat{hid32_p, Dt::F32, I};
+      hid_head32 = Mat{hid32_p, Dt::F32, H};
+    }
   }
 
   // The sharer and receiver rows of the valid tokens.
   void gather(const CacheView<char>& sv, const CacheView<char>& rv) {
+    const prof::Scope scope(prof::Gather);
     const VecOps& v = vec();
     const int64_t es = dt_size(cdt);
     for_rows(M, [&](int64_t m) {
@@ -188,12 +198,16 @@ class FuserRun {
   // Input Linear; row pass: u = . + b_in, na = norm_0(u).
   void input_gemm() {
     const VecOps& v = vec();
-    const Mat in_out = f32 ? U : O;
-    gemm(engine_, M, H, Ks, gs, mat(kWInSharer, Ks), in_out, false);
-    gemm(engine_, M, H, Kt, gx, mat(kWInReceiver, Kt), in_out, true);
+    const Mat in_out = acc ? U : O;
+    {
+      const prof::Scope scope(prof::GemmInput);
+      gemm(engine_, M, H, Ks, gs, mat(kWInSharer, Ks), in_out, false);
+      gemm(engine_, M, H, Kt, gx, mat(kWInReceiver, Kt), in_out, true);
+    }
+    const prof::Scope scope(prof::Norms);
     for_rows(M, [&](int64_t m) {
       float* ur = u + m * H;
-      if (!f32) v.load(offset(O, m, 0).p, ad, ur, H);
+      if (!acc) v.load(offset(O, m, 0).p, cd, ur, H);
       const float r = rms_inv(v.add_sum_sq(ur, sp.b_in, H), H);
       norm_into(ur, r, ffn_norm(0), na, m, H);
     });
@@ -202,6 +216,7 @@ class FuserRun {
   // FFN_1; row pass: both branch norms (na = head_norm(u), nb = ffn_norm_1(u)).
   void ffn_1() {
     ffn_block(na, 0);
+    const prof::Scope scope(prof::Norms);
     for_rows(M, [&](int64_t m) {
       const float r = rms_inv(residual(m), H);
       const float* ur = u + m * H;
@@ -213,12 +228,18 @@ class FuserRun {
   // Weight branch: w = u + FFN_w; a = w W_head^T + b_head; scale = G sigmoid(a).
   void weight_branch() {
     const VecOps& v = vec();
-    gemm(engine_, M, H, H, na, mat(kHeadW1, H), hid_head, false,
-         [&](int64_t n0, int64_t n1) { gelu_cols(hid_head, n0, n1); });
-    gemm(engine_, M, H, H, hid_head, mat(kHeadW2, H), O, false);
+    {
+      const prof::Scope scope(prof::GemmUp);
+      up_gemm(na, mat(kHeadW1, H), H, hid_head, hid_head32);
+    }
+    {
+      const prof::Scope scope(prof::GemmDown);
+      gemm(engine_, M, H, H, hid_head, mat(kHeadW2, H), O, false);
+    }
+    const prof::Scope scope(prof::HeadLogits);
     for_rows(M, [&](int64_t m) {
       float* wr = scratch(2, H);
-      if (f32) std::memcpy(wr, offset(O, m, 0).p, H * sizeof(float)); else v.load(offset(O, m, 0).p, ad, wr, H);
+      v.load(offset(O, m, 0).p, cd, wr, H);
       v.add(wr, u + m * H, H);
       for (int64_t h = 0; h < Ht; ++h) {
         const float a = v.dot(wr, sp.w_head + h * H, H) + sp.b_head[h];
@@ -227,18 +248,18 @@ class FuserRun {
     });
   }
 
-  // Projection blocks 1 .. B-1; row pass: the next norm (or, for Native16, u as the 16-bit
-  // input of W_out).
+  // Projection blocks 1 .. B-1; row pass: the next norm (or u as the 16-bit input of W_out).
   void projection_blocks() {
     const VecOps& v = vec();
     for (int64_t b = 1; b < B; ++b) {
       ffn_block(nb, b);
       const bool last = b == B - 1;
       if (f32 && last) break;  // u is already the fp32 input of W_out
+      const prof::Scope scope(prof::Norms);
       for_rows(M, [&](int64_t m) {
         const float* ur = u + m * H;
         if (last) {
-          v.add(u + m * H, row_f32(O, m, H, 1), H);
+          if (!acc) v.add(u + m * H, row_f32(O, m, H, 1), H);
           v.store(ur, offset(nb, m, 0).p, ad, H);
         } else {
           norm_into(ur, rms_inv(residual(m), H), ffn_norm(b + 1), nb, m, H);
@@ -251,7 +272,11 @@ class FuserRun {
   // project).
   void output(const CacheView<char>& rv, const Sink& sink) {
     const VecOps& v = vec();
-    gemm(engine_, M, Kt, H, f32 ? U : nb, mat(kWOut, H), Y, false);
+    {
+      const prof::Scope scope(prof::GemmOutput);
+      gemm(engine_, M, Kt, H, f32 ? U : nb, mat(kWOut, H), Y, false);
+    }
+    const prof::Scope scope(prof::Merge);
     for_rows(M, [&](int64_t m) {
       float* yr = row_f32(Y, m, Kt, 0);
       v.add(yr, sp.b_out, Kt);
@@ -279,12 +304,27 @@ class FuserRun {
   }
   const float* ffn_norm(int64_t b) const { return sp.ffn_norm + b * H; }
 
-  // GELU on a finished column block of `hid` (runs inside the GEMM's thread).
-  void gelu_cols(const Mat& hid, int64_t n0, int64_t n1) const {
+  // C = gelu(A W^T) into `hid` (16-bit for Native16 and Brgemm, fp32 for F32); Brgemm computes
+  // fp32 into `hid32` and its epilogue rounds the GELU'd block into hid.
+  void up_gemm(const Mat& a, const Mat& w, int64_t n, const Mat& hid, const Mat& hid32) {
+    if (acc && !f32) {
+      gemm(engine_, M, n, H, a, w, hid32, false, [&](int64_t n0, int64_t n1) { gelu_cols(hid32, n0, n1, &hid); });
+    } else {
+      gemm(engine_, M, n, H, a, w, hid, false, [&](int64_t n0, int64_t n1) { gelu_cols(hid, n0, n1); });
+    }
+  }
+
+  // GELU on a finished column block of `hid` (runs inside the GEMM's thread); with `out`, the
+  // result goes there (16-bit) instead.
+  void gelu_cols(const Mat& hid, int64_t n0, int64_t n1, const Mat* out = nullptr) const {
+    const prof::Scope scope(prof::Gelu);
     const VecOps& v = vec();
     for (int64_t m = 0; m < M; ++m) {
       void* p = offset(hid, m, n0).p;
-      if (ad == Dt::F32) {
+      if (out != nullptr) {
+        v.gelu(static_cast<float*>(p), n1 - n0);
+        v.store(static_cast<float*>(p), offset(*out, m, n0).p, out->dt, n1 - n0);
+      } else if (hid.dt == Dt::F32) {
         v.gelu(static_cast<float*>(p), n1 - n0);
       } else {
         float* s = scratch(0, n1 - n0);
@@ -298,16 +338,19 @@ class FuserRun {
   // FFN block `b` on u whose normed input is `n` (ffn_up, then ffn_down): the W2 product lands
   // in u (F32) or O.
   void ffn_block(const Mat& n, int64_t b) {
-    gemm(engine_, M, I, H, n, mat(kFfnW1, H, b), hid_ffn, false,
-         [&](int64_t n0, int64_t n1) { gelu_cols(hid_ffn, n0, n1); });
-    gemm(engine_, M, H, I, hid_ffn, mat(kFfnW2, I, b), f32 ? U : O, f32);
+    {
+      const prof::Scope scope(prof::GemmUp);
+      up_gemm(n, mat(kFfnW1, H, b), I, hid_ffn, hid_ffn32);
+    }
+    const prof::Scope scope(prof::GemmDown);
+    gemm(engine_, M, H, I, hid_ffn, mat(kFfnW2, I, b), acc ? U : O, acc);
   }
 
   // u (+= O for Native16); returns the sum of squares of the new u row.
   float residual(int64_t m) const {
     const VecOps& v = vec();
     float* ur = u + m * H;
-    if (f32) return v.sum_sq(ur, H);
+    if (acc) return v.sum_sq(ur, H);
     return v.add_sum_sq(ur, row_f32(O, m, H, 1), H);
   }
 
@@ -317,11 +360,12 @@ class FuserRun {
   const Tokens& tokens_;
   const int64_t M, H, I, B, Ks, Kt, Ht, Dh;
   const Dt cdt;     // the cache and weight dtype
-  const bool f32;   // Engine::F32
-  const Dt ad;      // dtype of GEMM inputs and outputs
+  const Dt ad, cd;  // dtypes of GEMM inputs (A) and outputs (C)
+  const bool f32;   // GEMM inputs fp32 (Engine::F32)
+  const bool acc;   // GEMM outputs fp32, accumulated into u (Engine::F32, Engine::Brgemm)
   const SmallParams sp;
   const float gate;
-  Mat gs{}, gx{}, U{}, na{}, nb{}, hid_ffn{}, hid_head{}, O{}, Y{};
+  Mat gs{}, gx{}, U{}, na{}, nb{}, hid_ffn{}, hid_head{}, hid_ffn32{}, hid_head32{}, O{}, Y{};
   float* u = nullptr;      // the fp32 residual stream [M, H]
   float* scale = nullptr;  // G * sigmoid(a) [M, Ht]
 };
@@ -331,7 +375,9 @@ class FuserRun {
 void run_fuser(const StackedWeights& w, int64_t f, Engine engine, const at::Tensor& receiver,
                const at::Tensor& sharer, const Tokens& tokens, const Sink& sink, std::vector<at::Tensor>& ws) {
   if (tokens.size() == 0) return;
+  prof::Scope params(prof::Params);
   FuserRun run(w, f, engine, tokens, ws);
+  params.stop();
   const CacheView<char> sv = byte_view(sharer), rv = byte_view(receiver);
   run.gather(sv, rv);
   run.input_gemm();         // triton: input_gemm.py

@@ -1,15 +1,24 @@
-// GEMM engines of the CPU backend (see gemm.h).
+// GEMM engines of the CPU backend and the choice between them (see gemm.h).
 #include "cpu/gemm.h"
 
 #include "cpu/common.h"
+#include "cpu/profile.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/Utils.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <vector>
 
 namespace c2c::cpu {
@@ -24,6 +33,12 @@ c10::ScalarType scalar_type(Dt dt) {
     default:
       return at::kFloat;
   }
+}
+
+bool cap(const char* name) {
+  static const auto caps = at::cpu::get_cpu_capabilities();
+  auto it = caps.find(name);
+  return it != caps.end() && it->second.isBool() && it->second.toBool();
 }
 
 // A non-owning [rows, cols] tensor over m (transposed: [cols, rows] with strides (1, ld)).
@@ -41,20 +56,18 @@ void mm_block(int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c, bool accumul
     at::addmm_out(ct, ct, at_, wt);
   } else {
     // C is uninitialised workspace. The fp32 BLAS (MKL/OpenBLAS sgemm) never reads C when
-    // beta = 0, as BLAS specifies. The 16-bit GEMM goes through oneDNN's AMX/AVX512 kernels,
-    // which have been caught reading memory outside the operands they were given (whole K
-    // tiles of A past a row's last column), where a NaN survives a multiply by 0. A and C
-    // are dense here (see gemm()), and C is zeroed first, so nothing a kernel may read of
-    // C holds a NaN; the cost is one pass over C, small next to the GEMM.
-    if (c.dt != Dt::F32) ct.zero_();
+    // beta = 0, as BLAS specifies. oneDNN's AMX kernels for 16-bit GEMMs have been caught
+    // reading memory outside the operands they were given (whole K tiles of A past a row's
+    // last column), where a NaN survives a multiply by 0: A is dense here (see gemm()), and
+    // on AMX CPUs C is zeroed first too. Elsewhere the poisoned-workspace tests check that
+    // the kernels read nothing of C, and the pass (a parallel region per GEMM) is skipped.
+    static const bool amx = cap("amx_bf16") || cap("amx_fp16") || cap("amx_tile");
+    if (c.dt != Dt::F32 && amx) {
+      const prof::Scope scope(prof::ZeroC);
+      ct.zero_();
+    }
     at::mm_out(ct, at_, wt);
   }
-}
-
-bool cap(const char* name) {
-  static const auto caps = at::cpu::get_cpu_capabilities();
-  auto it = caps.find(name);
-  return it != caps.end() && it->second.isBool() && it->second.toBool();
 }
 
 int64_t env_int(const char* name, int64_t fallback) {
@@ -64,28 +77,227 @@ int64_t env_int(const char* name, int64_t fallback) {
 
 constexpr int64_t kAlign = 16;  // column ranges start on multiples of 16 (cache lines of fp32)
 
+// ---- Engine::Brgemm ------------------------------------------------------------------------
+
+constexpr int64_t kBrN = 32;       // columns of C per micro-kernel call (one packed block of W)
+constexpr int64_t kBrM = 32;       // rows of C per micro-kernel call
+constexpr int64_t kBrChunk = 128;  // columns per task (the epilogue's range)
+
+template <typename T>
+void brgemm_range(int64_t m, int64_t n0, int64_t n1, int64_t k, Mat a, Mat w, Mat c, bool accumulate,
+                  std::vector<T>& wt, std::vector<T>& packed) {
+  const c10::ScalarType st = c10::CppTypeToScalarType<T>::value;
+  // The VNNI micro-kernel (AMX) takes K in pairs; odd K takes the plain layout.
+  static const bool could_pack = at::native::cpublas::could_pack(st);
+  const bool vnni = could_pack && k % 2 == 0;
+  const T* a_p = static_cast<const T*>(a.p);
+  float* c_p = static_cast<float*>(c.p);
+  for (int64_t j0 = n0; j0 < n1; j0 += kBrN) {
+    const int64_t nb = std::min(kBrN, n1 - j0);
+    // B = W[j0 : j0 + nb, :]^T as a row-major [K, nb] block (the micro-kernel's layout).
+    if (static_cast<int64_t>(wt.size()) < k * nb) wt.resize(k * nb);
+    for (int64_t j = 0; j < nb; ++j) {
+      const T* row = static_cast<const T*>(offset(w, j0 + j, 0).p);
+      for (int64_t kk = 0; kk < k; ++kk) wt[kk * nb + j] = row[kk];
+    }
+    const T* b = wt.data();
+    if (vnni) {
+      if (static_cast<int64_t>(packed.size()) < (k + 1) * nb) packed.resize((k + 1) * nb);
+      at::native::cpublas::pack(k, nb, nb, nb, st, st, wt.data(), packed.data());
+      b = packed.data();
+    }
+    for (int64_t i0 = 0; i0 < m; i0 += kBrM) {
+      const int64_t mb = std::min(kBrM, m - i0);
+      at::native::cpublas::brgemm(mb, nb, k, a.ld, nb, c.ld, accumulate, a_p + i0 * a.ld, b,
+                                  c_p + i0 * c.ld + j0, vnni);
+    }
+  }
+  at::native::cpublas::brgemm_release(vnni);
+}
+
+template <typename T>
+void brgemm_gemm(int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c, bool accumulate,
+                 c10::function_ref<void(int64_t, int64_t)> epilogue) {
+  const int64_t tasks = (n + kBrChunk - 1) / kBrChunk;
+  parallel_tasks(tasks, [&](int64_t task) {
+    thread_local std::vector<T> wt, packed;
+    const int64_t n0 = task * kBrChunk, n1 = std::min(n, n0 + kBrChunk);
+    brgemm_range<T>(m, n0, n1, k, a, w, c, accumulate, wt, packed);
+    if (epilogue) epilogue(n0, n1);
+  });
+}
+
+// ---- the engine choice ---------------------------------------------------------------------
+
+// Token classes: decode-sized, short prefill, long prefill, very long.
+int token_class(int64_t tokens) { return tokens <= 16 ? 0 : tokens <= 128 ? 1 : tokens <= 1024 ? 2 : 3; }
+const char* const kClassNames[] = {"tokens<=16", "tokens<=128", "tokens<=1024", "tokens>1024"};
+
+struct Chooser {
+  std::mutex mu;
+  std::map<std::tuple<int, int, int64_t>, Engine> chosen;
+  std::vector<std::string> log;
+};
+
+Chooser& chooser() {
+  static Chooser c;
+  return c;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Times one tokens x hidden x hidden GEMM on every candidate engine, in interleaved rounds (a
+// burst of load from other processes then hits all of them alike; the first round only warms
+// up), on fixed pseudo-random data (the global RNG is left alone), checks each result against
+// the fp32 engine's, and returns the fastest that agrees, the prior unless another is 1.25x
+// faster. Brgemm is a candidate only where ATen has its micro-kernel (cpublas::could_pack:
+// AMX); elsewhere its portable fallback is orders of magnitude slower and not worth timing.
+Engine measure(c10::ScalarType dtype, int64_t tokens, int64_t hidden, std::string& line) {
+  const Dt dt = dt_of(dtype);
+  const int64_t m = std::max<int64_t>(1, std::min<int64_t>(tokens, 256)), k = hidden, n = hidden;
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor a32 = at::empty({m, k}, f32), w32 = at::empty({n, k}, f32);
+  float* ap = a32.data_ptr<float>();
+  float* wp = w32.data_ptr<float>();
+  for (int64_t i = 0; i < m * k; ++i) ap[i] = static_cast<float>((i * 7919) % 2003) / 1001.f - 1.f;
+  for (int64_t i = 0; i < n * k; ++i) wp[i] = (static_cast<float>((i * 104729) % 4099) / 2049.f - 1.f) * 0.05f;
+  at::Tensor a16 = a32.to(dtype), w16 = w32.to(dtype);
+  a32 = a16.to(at::kFloat);  // every engine multiplies the same (16-bit) values
+  const Mat w{w16.data_ptr(), dt, k};
+  bool candidate[kEngines] = {true, true, at::native::cpublas::could_pack(dtype)};
+  at::Tensor out[kEngines];
+  double times[kEngines];
+  bool ok[kEngines];
+  for (int e = 0; e < kEngines; ++e) {
+    times[e] = std::numeric_limits<double>::infinity();
+    ok[e] = false;
+    if (candidate[e]) out[e] = at::empty({m, n}, at::TensorOptions().dtype(scalar_type(c_dtype(static_cast<Engine>(e), dt))));
+  }
+  for (int round = 0; round < 5; ++round) {
+    for (int e = 0; e < kEngines; ++e) {
+      if (!candidate[e]) continue;
+      const Engine engine = static_cast<Engine>(e);
+      const Dt ad = a_dtype(engine, dt), cd = c_dtype(engine, dt);
+      const Mat a{ad == Dt::F32 ? a32.data_ptr() : a16.data_ptr(), ad, k}, cm{out[e].data_ptr(), cd, n};
+      const auto t0 = std::chrono::steady_clock::now();
+      gemm(engine, m, n, k, a, w, cm, false);
+      const double t = seconds_since(t0);
+      if (round > 0) times[e] = std::min(times[e], t);
+    }
+  }
+  const at::Tensor ref = out[0].to(at::kFloat);
+  const double scale = ref.abs().max().item<double>();
+  for (int e = 0; e < kEngines; ++e) {
+    if (!candidate[e]) continue;
+    const double err = (out[e].to(at::kFloat) - ref).abs().max().item<double>();
+    ok[e] = std::isfinite(err) && err <= 2e-2 * scale + 1e-3;
+  }
+  int best = -1;
+  for (int e = 0; e < kEngines; ++e) {
+    if (ok[e] && (best < 0 || times[e] < times[best])) best = e;
+  }
+  const Engine prior = prior_engine(dtype);
+  const int p = static_cast<int>(prior);
+  // The prior stays unless another engine is 1.25x faster (the engines differ by large factors
+  // where it matters; a smaller margin lets a burst of load on a shared machine flip the
+  // choice); one that disagrees is never taken (the fp32 engine is the reference, so best >= 0
+  // unless it produced NaN).
+  Engine pick = ok[p] && (best < 0 || times[best] >= 0.8 * times[p]) ? prior
+                : best >= 0                                           ? static_cast<Engine>(best)
+                                                                      : Engine::F32;
+  char buf[128];
+  std::snprintf(buf, sizeof(buf), "%s %s hidden=%lld: %s (GEMM %lldx%lldx%lld,", c10::toString(dtype),
+                kClassNames[token_class(tokens)], static_cast<long long>(hidden), engine_name(pick),
+                static_cast<long long>(m), static_cast<long long>(n), static_cast<long long>(k));
+  line = buf;
+  for (int e = 0; e < kEngines; ++e) {
+    if (!candidate[e]) {
+      line += std::string(" ") + engine_name(static_cast<Engine>(e)) + " not timed (no micro-kernel),";
+      continue;
+    }
+    std::snprintf(buf, sizeof(buf), " %s %.3f ms%s,", engine_name(static_cast<Engine>(e)), times[e] * 1e3,
+                  ok[e] ? "" : " WRONG");
+    line += buf;
+  }
+  line += std::string(" prior ") + engine_name(prior) + ")";
+  return pick;
+}
+
 }  // namespace
 
-Engine choose_engine(c10::ScalarType dtype) {
-  if (dtype == at::kFloat) return Engine::F32;
-  if (const char* env = std::getenv("C2C_CPU_GEMM")) {
-    if (std::strcmp(env, "fp32") == 0) return Engine::F32;
-    if (std::strcmp(env, "native") == 0) return Engine::Native16;
+const char* engine_name(Engine engine) {
+  switch (engine) {
+    case Engine::F32:
+      return "fp32";
+    case Engine::Native16:
+      return "native16";
+    default:
+      return "brgemm";
   }
+}
+
+Engine prior_engine(c10::ScalarType dtype) {
+  if (dtype == at::kFloat) return Engine::F32;
   static const bool bf16 = cap("amx_bf16") || cap("avx512_bf16");
   static const bool fp16 = cap("amx_fp16") || cap("avx512_fp16");
   return (dtype == at::kBFloat16 ? bf16 : fp16) ? Engine::Native16 : Engine::F32;
 }
 
-const char* engine_name(Engine engine) { return engine == Engine::F32 ? "fp32" : "native16"; }
+int forced_engine(c10::ScalarType dtype) {
+  if (dtype == at::kFloat) return static_cast<int>(Engine::F32);
+  const char* env = std::getenv("C2C_CPU_GEMM");
+  if (env == nullptr) return -1;
+  if (std::strcmp(env, "fp32") == 0) return static_cast<int>(Engine::F32);
+  if (std::strcmp(env, "native") == 0) return static_cast<int>(Engine::Native16);
+  if (std::strcmp(env, "brgemm") == 0) return static_cast<int>(Engine::Brgemm);
+  return -1;  // "auto" or anything else
+}
+
+Engine choose_engine(c10::ScalarType dtype, int64_t tokens, int64_t hidden) {
+  const int forced = forced_engine(dtype);
+  if (forced >= 0) return static_cast<Engine>(forced);
+  Chooser& ch = chooser();
+  const auto key = std::make_tuple(static_cast<int>(dtype), token_class(tokens), hidden);
+  std::lock_guard<std::mutex> lock(ch.mu);
+  auto it = ch.chosen.find(key);
+  if (it != ch.chosen.end()) return it->second;
+  std::string line;
+  const Engine e = measure(dtype, tokens, hidden, line);
+  ch.chosen.emplace(key, e);
+  ch.log.push_back(line);
+  return e;
+}
+
+std::string engine_log(bool clear) {
+  Chooser& ch = chooser();
+  std::lock_guard<std::mutex> lock(ch.mu);
+  std::string out;
+  for (const auto& l : ch.log) out += l + "\n";
+  if (clear) {
+    ch.chosen.clear();
+    ch.log.clear();
+  }
+  return out;
+}
 
 void gemm(Engine engine, int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c, bool accumulate,
           c10::function_ref<void(int64_t, int64_t)> epilogue) {
   if (m == 0 || n == 0) return;
   // The 16-bit path gets dense A and C (see mm_block and the hid buffer in fuser.cpp): no
   // padding bytes between rows that a library kernel could read as part of a tile.
-  TORCH_CHECK(engine == Engine::F32 || (a.ld == k && c.ld == n), "c2c cpu: the native16 GEMM needs dense operands (",
+  TORCH_CHECK(engine != Engine::Native16 || (a.ld == k && c.ld == n), "c2c cpu: the native16 GEMM needs dense operands (",
               "A ld ", a.ld, " for K ", k, ", C ld ", c.ld, " for N ", n, ")");
+  if (engine == Engine::Brgemm) {
+    TORCH_CHECK(a.dt == w.dt && a.dt != Dt::F32 && c.dt == Dt::F32, "c2c cpu: the brgemm engine takes 16-bit A and W, fp32 C");
+    if (a.dt == Dt::BF16) {
+      brgemm_gemm<at::BFloat16>(m, n, k, a, w, c, accumulate, epilogue);
+    } else {
+      brgemm_gemm<at::Half>(m, n, k, a, w, c, accumulate, epilogue);
+    }
+    return;
+  }
   const int64_t threads = at::get_num_threads();
   // Column ranges of about equal size, one per thread.
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, (n + kAlign - 1) / kAlign));
@@ -129,7 +341,9 @@ void gemm(Engine engine, int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c, b
     if (static_cast<int64_t>(buf.size()) < rows * k) buf.resize(rows * k);
     poison(buf.data(), rows * k);
     const int64_t n0 = blk * rows, n1 = std::min(n, n0 + rows);
+    prof::Scope widen(prof::Widen);
     for (int64_t j = n0; j < n1; ++j) v.load(offset(w, j, 0).p, w.dt, buf.data() + (j - n0) * k, k);
+    widen.stop();
     mm_block(m, n1 - n0, k, a, Mat{buf.data(), Dt::F32, k}, offset(c, 0, n0), accumulate);
     if (epilogue) epilogue(n0, n1);
   });

@@ -1,11 +1,13 @@
-// The GEMMs of the CPU backend: C[M, N] (+)= A[M, K] @ W[N, K]^T around ATen's BLAS, with a
-// per-column-range epilogue that runs while that part of C is still in cache.
+// The GEMMs of the CPU backend: C[M, N] (+)= A[M, K] @ W[N, K]^T through one of three engines,
+// with a per-column-range epilogue that runs while that part of C is still in cache; and the
+// choice of engine per (dtype, shape class), measured at first use (docs/cpu.md).
 #pragma once
 
 #include <c10/util/FunctionRef.h>
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+#include <string>
 
 #include "cpu/vec.h"
 
@@ -20,12 +22,30 @@ enum class Engine {
   // Activations, outputs and weights all in the 16-bit cache dtype, through ATen's 16-bit
   // GEMM (oneDNN: AMX or AVX512-BF16/FP16 where the CPU has them).
   Native16,
+  // 16-bit activations and weights, fp32 outputs (accumulated straight into the fp32 residual
+  // stream, no 16-bit rounding of GEMM outputs): ATen's cpublas::brgemm micro-kernel, the one
+  // Inductor's CPU GEMM template uses, on blocks of W transposed (and packed into VNNI pairs
+  // where cpublas::could_pack says the CPU has a micro-kernel, i.e. AMX) per thread.
+  Brgemm,
 };
 
-// The engine for caches of `dtype` on this CPU. C2C_CPU_GEMM=fp32 or =native overrides the
-// choice for 16-bit dtypes (read on every call, for tests and benchmarks).
-Engine choose_engine(c10::ScalarType dtype);
+constexpr int kEngines = 3;
 const char* engine_name(Engine engine);
+
+// The engine for a call on caches of `dtype` with `tokens` valid tokens and fuser hidden
+// width `hidden`. fp32 caches always take Engine::F32. For 16-bit caches C2C_CPU_GEMM=fp32,
+// =native or =brgemm forces one (read on every call); otherwise the first call of each
+// (dtype, token class, hidden) times one hidden x hidden GEMM on every engine, checks each
+// result against the fp32 one, and keeps the fastest, cached for the process. The CPU's flags
+// give the prior (prior_engine), which another engine must beat by 1.25x to be chosen.
+Engine choose_engine(c10::ScalarType dtype, int64_t tokens, int64_t hidden);
+// The engine the CPU flags suggest: Native16 where AMX or AVX512 has the dtype, else F32.
+Engine prior_engine(c10::ScalarType dtype);
+// The engine C2C_CPU_GEMM forces for 16-bit `dtype`, or -1.
+int forced_engine(c10::ScalarType dtype);
+// One line per measured (dtype, token class, hidden): the times and the choice. `clear`
+// forgets every choice (the next call of each class measures again).
+std::string engine_log(bool clear);
 
 // A row-major matrix operand: element (i, j) at p + (i * ld + j) * dt_size(dt).
 struct Mat {
@@ -38,16 +58,21 @@ inline Mat offset(Mat m, int64_t row, int64_t col) {
   return Mat{static_cast<char*>(m.p) + (row * m.ld + col) * dt_size(m.dt), m.dt, m.ld};
 }
 
-// C = A W^T (or C += A W^T when `accumulate`), all M x N x K. Engine::F32 wants A and C fp32
-// and W of any dtype; Engine::Native16 wants all three in one 16-bit dtype, A and C dense
-// (ld == k, ld == n), and C is zeroed before a non-accumulating GEMM (see gemm.cpp). Uses every
-// intra-op thread. When given, `epilogue(n0, n1)` is called once for each column range
-// [n0, n1) of C after that range is final; ranges cover [0, N) and may run concurrently.
+// The dtypes an engine's GEMMs take: A (activations) and C (outputs), for 16-bit caches `cdt`.
+inline Dt a_dtype(Engine e, Dt cdt) { return e == Engine::F32 ? Dt::F32 : cdt; }
+inline Dt c_dtype(Engine e, Dt cdt) { return e == Engine::Native16 ? cdt : Dt::F32; }
+
+// C = A W^T (or C += A W^T when `accumulate`), all M x N x K. A and C in the engine's dtypes
+// (a_dtype, c_dtype), W of the cache dtype (or fp32 for Engine::F32). Engine::Native16 wants
+// A and C dense (ld == k, ld == n). Uses every intra-op thread. When given,
+// `epilogue(n0, n1)` is called once for each column range [n0, n1) of C after that range is
+// final; ranges cover [0, N) and may run concurrently.
 //
-// Threading: Engine::F32 splits the columns of C between the threads, each running a
-// single-threaded BLAS call on its rows of W (16-bit W in blocks of C2C_CPU_WBLOCK rows,
-// default ~1 MiB of fp32, handed out dynamically); C2C_CPU_SPLIT=0 leaves fp32 GEMMs to
-// BLAS's own threading instead. Engine::Native16 makes one ATen call and lets oneDNN thread.
+// Threading: Engine::F32 and Engine::Brgemm split the columns of C between the threads (blocks
+// handed out dynamically), each thread converting its rows of W (widened to fp32 in blocks of
+// C2C_CPU_WBLOCK rows, default ~1 MiB; or transposed/packed for brgemm) and running its
+// epilogue on them; C2C_CPU_SPLIT=0 leaves fp32-weight GEMMs to BLAS's own threading instead.
+// Engine::Native16 makes one ATen call and lets oneDNN thread.
 void gemm(Engine engine, int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c, bool accumulate,
           c10::function_ref<void(int64_t, int64_t)> epilogue = nullptr);
 

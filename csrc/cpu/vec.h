@@ -1,10 +1,12 @@
 // Row kernels of the CPU backend: dtype conversion, RMS-norm pieces, exact GELU, dot products.
 //
 // Every function works on contiguous runs of one row (a few thousand elements at most, so the
-// row stays in L1 across the calls that make up one epilogue). Two implementations exist: AVX2
-// + FMA + F16C intrinsics (vec_avx2.cpp, compiled for that ISA with a target pragma, so the
-// extension itself still builds and loads without -mavx2) and portable scalar code
-// (vec_scalar.cpp). `vec()` picks one at first use from what the CPU supports.
+// row stays in L1 across the calls that make up one epilogue). The vectorised implementations
+// are one source (vec_at.h, through at::vec::Vectorized<float>) compiled once per instruction
+// set: AVX-512 and AVX2 (vec_isa_avx512.cpp, vec_isa_avx2.cpp: only that code is compiled for
+// the wider target, so the extension still builds and loads on any x86-64) and NEON
+// (vec_isa_neon.cpp, 64-bit ARM); portable scalar code (vec_scalar.cpp) is the fallback. `vec()`
+// picks one at first use from what the CPU supports.
 #pragma once
 
 #include <cstdint>
@@ -39,10 +41,12 @@ struct VecOps {
 };
 
 const VecOps& vec_scalar();
-// nullptr when this build could not compile the AVX2 kernels.
-const VecOps* vec_avx2();
-// The implementation to use on this CPU (AVX2 when the CPU has AVX2, FMA and F16C);
-// C2C_CPU_VEC=scalar forces the portable one (read once).
+// nullptr when this build has no such kernels or the CPU lacks the instruction set.
+const VecOps* vec_avx512();  // AVX-512 F/BW/VL/DQ (+ AVX2, FMA, F16C)
+const VecOps* vec_avx2();    // AVX2, FMA, F16C
+const VecOps* vec_neon();    // 64-bit ARM
+// The implementation to use on this CPU: the widest of the above it has. C2C_CPU_VEC=scalar,
+// =avx2 or =avx512 forces one (read once; a set the CPU lacks falls back to the next narrower).
 const VecOps& vec();
 
 }  // namespace c2c::cpu

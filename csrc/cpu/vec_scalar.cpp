@@ -1,10 +1,11 @@
-// Portable row kernels (any CPU), and the runtime choice between them and the AVX2 ones.
+// Portable row kernels (any CPU), and the runtime choice between them and the vectorised ones.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "cpu/vec.h"
 
@@ -94,9 +95,12 @@ const VecOps& vec_scalar() {
 const VecOps& vec() {
   static const VecOps* chosen = [] {
     const char* env = std::getenv("C2C_CPU_VEC");
-    const VecOps* avx2 = vec_avx2();
-    if (env != nullptr && std::strcmp(env, "scalar") == 0) avx2 = nullptr;
-    return avx2 != nullptr ? avx2 : &vec_scalar();
+    const std::string want = env != nullptr ? env : "";
+    if (want == "scalar") return &vec_scalar();
+    const VecOps* v = want == "avx2" ? nullptr : vec_avx512();
+    if (v == nullptr) v = vec_avx2();
+    if (v == nullptr) v = vec_neon();
+    return v != nullptr ? v : &vec_scalar();
   }();
   return *chosen;
 }
