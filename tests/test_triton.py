@@ -106,7 +106,11 @@ def test_config_choice(monkeypatch, gpu, dtype):
             bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
             assert (bm + bn) * bk * size * c.num_stages <= smem
             assert c.kwargs["BM"] == 64 or tokens > 64, "short prompts stream weights with 64-row tiles"
-            assert c in candidates
+            tile = dict(c.kwargs, CTAS_PER_SM=1), c.num_warps, c.num_stages
+            assert tile in [(d.kwargs, d.num_warps, d.num_stages) for d in candidates]
+            # The persistent grid's CTAs per SM: as many as fit (at most 2) in shared memory.
+            ctas = c.kwargs["CTAS_PER_SM"]
+            assert 1 <= ctas <= 2 and (ctas == 1 or 2 * (bm + bn) * bk * size * c.num_stages <= smem)
         if dtype == torch.float32:
             assert len(kept) == 1
         elif tokens > 1024:
@@ -118,6 +122,9 @@ def test_config_choice(monkeypatch, gpu, dtype):
             assert (fixed["BM"] + fixed["BN"]) * fixed["BK"] * size * fixed["num_stages"] <= smem
             if head_dim % 64 == 0 and size == 2:
                 assert head_dim % fixed["BN"] == 0, "the in-place epilogue should see one head per tile"
+            # unaligned views: the epilogue's per-element cache addresses leave room for a narrow
+            # K tile only (sm_90a, runtime page size: 120 B spilled with BK=64 in the persistent loop)
+            assert configs.fixed(tokens, head_dim, torch.device("cpu"), size, vec=1)["BK"] <= configs.UNALIGNED_BK
     # Unaligned views (vec 1): the gathering GEMM's K tile is cut (every A element has its own
     # 64-bit address: wider tiles spill), and the in-place epilogue's column tile halved.
     for tokens in (64, 1024):

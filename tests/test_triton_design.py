@@ -92,3 +92,30 @@ def test_folded_norm_gain_is_cached_and_stale_safe():
     expected = reference_fused(case)
     torch.ops.c2c.fuse(*case.args(), "triton", False)
     assert_storage_close(case, expected, torch.bfloat16)
+
+
+@pytest.mark.parametrize("sharer_dim,receiver_dim,one_loop", [
+    (32, 8, True),   # both views vectorised; sharer width 96: its second K step is masked at 96
+    (6, 8, False),   # the sharer view is not vectorisable (head dim 6): a loop per side
+    (6, 6, False),   # neither is
+])
+def test_input_gemm_runs_one_k_loop_over_sharer_and_receiver(monkeypatch, sharer_dim, receiver_dim, one_loop):
+    """Aligned views: one pipelined K loop over the sharer then the receiver columns (per step a
+    scalar choice of view and weight), instead of a loop per side that drains the pipeline."""
+    from c2c_kernels.backends.triton import input_gemm
+    calls = {"one": 0, "per_side": 0}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return call
+    monkeypatch.setattr(input_gemm, "_one_k_loop", counted("one", input_gemm._one_k_loop))
+    monkeypatch.setattr(input_gemm, "_gathered_times_weight",
+                        counted("per_side", input_gemm._gathered_times_weight))
+    case = make_case(seed=83, sharer_heads=3, sharer_dim=sharer_dim, receiver_dim=receiver_dim)
+    expected = reference_fused(case)
+    torch.ops.c2c.fuse(*case.args(), "triton", False)
+    assert_storage_close(case, expected, torch.float32)
+    tiles = len(case.fusers)  # one token tile and one hidden tile per entry
+    assert calls == ({"one": tiles, "per_side": 0} if one_loop else {"one": 0, "per_side": 2 * tiles}), calls

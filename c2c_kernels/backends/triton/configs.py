@@ -27,8 +27,7 @@ AUTOTUNE = os.environ.get("C2C_TRITON_AUTOTUNE", "1") != "0"
 HOPPER = (
     (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (64, 32, 128, 4, 5),  # weight-streaming, small T
     (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 64, 64, 8, 4), (64, 128, 128, 4, 3),
-    # 96 KB of shared memory: two CTAs per SM where the kernel stays within 128 registers per
-    # thread (the FFN stages), so one CTA's pipeline fill overlaps the other's K loop.
+    # A 96 KB pipeline: a shorter fill per tile where K is short.
     (128, 128, 64, 8, 3),
 )
 AMPERE = (
@@ -45,6 +44,9 @@ GROUP_M = 8
 # the A tile then carries its own 64-bit address, and 64- or 128-wide K tiles spill (ptxas: 255
 # registers and up to 5 KB of spills per thread on sm_90a).
 UNALIGNED_BK = 32
+# Programs of a persistent GEMM launch in the interpreter: fewer than the tiles of the test
+# shapes, so each program loops over several tiles there too.
+INTERPRET_PROGRAMS = 3
 LOGIT_BN = 128  # the head-logit stage's column tile: the output stage sums one partial per tile
 MERGE_BLOCK = (32, 128)  # the standalone merge is elementwise: (rows, columns) per program
 
@@ -57,9 +59,9 @@ def token_bucket(tokens: int) -> int:
     return 4096
 
 
-def _config(bm, bn, bk, warps, stages) -> triton.Config:
-    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": GROUP_M}, num_warps=warps,
-                         num_stages=stages)
+def _config(bm, bn, bk, warps, stages, ctas=1) -> triton.Config:
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": GROUP_M, "CTAS_PER_SM": ctas},
+                         num_warps=warps, num_stages=stages)
 
 
 def configs(fixed_bn: int | None = None) -> list[triton.Config]:
@@ -93,14 +95,47 @@ def _limits_of(index: int) -> tuple[bool, int]:
     return major >= 9, props["max_shared_mem"]
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(index)["multiprocessor_count"]
+
+
+def programs(tiles: int, meta: dict, device: torch.device) -> int:
+    """Grid of a persistent GEMM launch: one program per CTA that fits on the GPU at once (SMs
+    times the config's CTAS_PER_SM), each looping over tiles with a stride of the grid, so the
+    pipeline fill is paid once per program instead of once per tile (a 1024-token call has about
+    23 waves of 128x128 tiles on 132 SMs); fewer when there are fewer tiles."""
+    if INTERPRET:
+        return min(tiles, INTERPRET_PROGRAMS)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return min(tiles, _sm_count(index) * meta["CTAS_PER_SM"])
+
+
+def _ctas_per_sm(c, element_size, smem_limit) -> int:
+    """CTAs of config ``c`` surely resident together on one SM (at most 2): by shared memory,
+    and by registers at the most a thread may take (255, allocated as 256; 64K per SM). The
+    persistent GEMMs take 150-240 registers with 8 warps, so two 8-warp CTAs are not counted on."""
+    by_smem = smem_limit // _smem(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_stages, element_size)
+    by_regs = 65536 // (c.num_warps * 32 * 256)
+    return max(1, min(2, by_smem, by_regs))
+
+
+def _with_ctas(c, element_size, smem_limit) -> triton.Config:
+    out = _config(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages,
+                  _ctas_per_sm(c, element_size, smem_limit))
+    out.families = getattr(c, "families", set())
+    return out
+
+
 def _smem(bm, bn, bk, stages, element_size) -> int:
     """Shared memory of the pipelined operand tiles (activations are stored in the weight dtype)."""
     return stages * (bm + bn) * bk * element_size
 
 
 def prune(configs_, named_args, **kwargs):
-    """Keep the configs of this GPU and dtype that fit its shared memory and the token bucket."""
-    if INTERPRET or len(configs_) == 1:
+    """Keep the configs of this GPU and dtype that fit its shared memory and the token bucket,
+    each with the CTAs per SM it gets (the persistent grid's size, see ``programs``)."""
+    if INTERPRET:
         return configs_
     weights = named_args["w_ptr"]
     size = weights.element_size()
@@ -116,7 +151,8 @@ def prune(configs_, named_args, **kwargs):
     chosen = small if bucket <= 64 else small + large if bucket <= 256 else large or small
     chosen = chosen or kept or configs_[:1]
     tiny = named_args["w_ptr"].shape[-1] * named_args["w_ptr"].shape[-2] <= 256 * 256
-    return chosen if AUTOTUNE and not tiny else chosen[:1]
+    chosen = chosen if AUTOTUNE and not tiny else chosen[:1]
+    return [_with_ctas(c, size, smem_limit) for c in chosen]
 
 
 def _narrow_k(configs_):
@@ -137,10 +173,12 @@ def fixed(tokens: int, head_dim: int, device: torch.device, element_size: int, v
     autotuner would apply the update once per timed run). Its column tile divides the head dim
     when it can, so the epilogue needs one head logit per token instead of one per column
     (the per-column gather of 128x128 tiles spills registers)."""
+    smem_limit = None
     if INTERPRET:
         bm, bn, bk, warps, stages = INTERPRETER[0]
     elif element_size == 4:
         bm, bn, bk, warps, stages = FP32[0]
+        _, smem_limit = _device_limits(device)
     else:
         hopper, smem_limit = _device_limits(device)
         # Unaligned views (vec 1) gather the epilogue's receiver tile element by element:
@@ -150,6 +188,10 @@ def fixed(tokens: int, head_dim: int, device: torch.device, element_size: int, v
             bm, bk, warps, stages = (64, 128, 4, 4) if hopper else (64, 64, 4, 4)
         else:
             bm, bk, warps, stages = (128, 64, 8, 4) if hopper else (128, 64 if bn == 64 else 32, 8, 4)
+        if vec == 1:  # the epilogue's cache tile has per-element addresses: a narrow K tile (no spills)
+            bk = min(bk, UNALIGNED_BK)
         while stages > 2 and _smem(bm, bn, bk, stages, element_size) > smem_limit:
             stages -= 1
-    return {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": GROUP_M, "num_warps": warps, "num_stages": stages}
+    config = _config(bm, bn, bk, warps, stages)
+    ctas = 1 if smem_limit is None else _ctas_per_sm(config, element_size, smem_limit)
+    return {**config.kwargs, "CTAS_PER_SM": ctas, "num_warps": warps, "num_stages": stages}

@@ -18,40 +18,45 @@ from . import configs
 from ._common import ENTRY_FUSER, ENTRY_WIDTH, RMS_EPS, gelu_erf, mma, sum_sq_chunks, tile_coords, token_rows
 
 
-@triton.jit(do_not_specialize=["tokens", "m_bucket"])  # one binary for every token count
+@triton.jit(do_not_specialize=["tokens", "entries", "m_bucket"])  # one binary for every token count
 def ffn_up_kernel(
     table_ptr, z_ptr, sumsq_ptr, w_ptr, out_ptr,
-    tokens, width, k_in, sumsq_chunks, stride_w_f, stride_w_n, stride_w_k,
+    tokens, entries, width, k_in, sumsq_chunks, stride_w_f, stride_w_n, stride_w_k,
     m_bucket,  # autotuning key only
     DOT_DTYPE: tl.constexpr, CHUNKS_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, CTAS_PER_SM: tl.constexpr,
 ):
-    entry, tile_m, tile_n = tile_coords(tl.program_id(0), tl.cdiv(tokens, BM), tl.cdiv(width, BN), GROUP_M)
-    fuser = tl.load(table_ptr + entry * ENTRY_WIDTH + ENTRY_FUSER)
-    tok = tile_m * BM + tl.arange(0, BM)
-    cols = tile_n * BN + tl.arange(0, BN)
-    tok_mask, col_mask = tok < tokens, cols < width
-    row = token_rows(entry, tokens, tok)
-    z_rows = z_ptr + row[:, None] * k_in
-    w = w_ptr + fuser * stride_w_f + cols[None, :] * stride_w_n
+    num_m, num_n = tl.cdiv(tokens, BM), tl.cdiv(width, BN)
+    # Persistent: tiles with a stride of the grid (configs.programs). Nothing is hoisted out of
+    # this loop: hoisted tile-invariant vectors would stay live across the K loop (registers).
+    for tile in tl.range(tl.program_id(0), entries * num_m * num_n, tl.num_programs(0), disable_licm=True):
+        entry, tile_m, tile_n = tile_coords(tile, num_m, num_n, GROUP_M)
+        fuser = tl.load(table_ptr + entry * ENTRY_WIDTH + ENTRY_FUSER)
+        tok = tile_m * BM + tl.arange(0, BM)
+        cols = tile_n * BN + tl.arange(0, BN)
+        tok_mask, col_mask = tok < tokens, cols < width
+        row = token_rows(entry, tokens, tok)
+        z_rows = z_ptr + row[:, None] * k_in
+        w = w_ptr + fuser * stride_w_f + cols[None, :] * stride_w_n
 
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, k_in, BK):
-        k = k0 + tl.arange(0, BK)
-        k_mask = k < k_in
-        a = tl.load(z_rows + k[None, :], mask=tok_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(w + k[:, None] * stride_w_k, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = mma(a, b, acc, DOT_DTYPE)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, k_in, BK):
+            k = k0 + tl.arange(0, BK)
+            k_mask = k < k_in
+            a = tl.load(z_rows + k[None, :], mask=tok_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(w + k[:, None] * stride_w_k, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = mma(a, b, acc, DOT_DTYPE)
 
-    chunk = tl.arange(0, CHUNKS_PAD)
-    parts = tl.load(sumsq_ptr + row[:, None] * sumsq_chunks + chunk[None, :],
-                    mask=tok_mask[:, None] & (chunk < sumsq_chunks)[None, :], other=0.0)
-    acc = gelu_erf(acc * tl.rsqrt(tl.sum(parts, axis=1) / k_in + RMS_EPS)[:, None])
-    out = out_ptr + row[:, None] * width + cols[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tok_mask[:, None] & col_mask[None, :])
+        chunk = tl.arange(0, CHUNKS_PAD)
+        parts = tl.load(sumsq_ptr + row[:, None] * sumsq_chunks + chunk[None, :],
+                        mask=tok_mask[:, None] & (chunk < sumsq_chunks)[None, :], other=0.0)
+        acc = gelu_erf(acc * tl.rsqrt(tl.sum(parts, axis=1) / k_in + RMS_EPS)[:, None])
+        out = out_ptr + row[:, None] * width + cols[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tok_mask[:, None] & col_mask[None, :])
 
 
-# Grid: one program per (entry, token tile, output tile), entry-major; tiles from the autotuner.
+# Grid: persistent (configs.programs), each program looping over the (entry, token tile, output
+# tile) tiles entry-major with a stride of the grid; tiles from the autotuner.
 _tuned = triton.autotune(configs.configs(), key=["m_bucket", "width", "k_in"],
                          prune_configs_by={"early_config_prune": configs.prune})(ffn_up_kernel)
 
@@ -67,8 +72,9 @@ def launch(table, z, sumsq, w, out, *, dot_dtype):
     entries, tokens, width = out.shape
 
     def grid(meta):
-        return (entries * triton.cdiv(tokens, meta["BM"]) * triton.cdiv(width, meta["BN"]),)
+        return (configs.programs(entries * triton.cdiv(tokens, meta["BM"]) * triton.cdiv(width, meta["BN"]), meta,
+                                 out.device),)
 
     chunks = sum_sq_chunks(z.shape[2])
-    _tuned[grid](table, z, sumsq, w, out, tokens, width, z.shape[2], chunks, *w.stride(),
+    _tuned[grid](table, z, sumsq, w, out, tokens, entries, width, z.shape[2], chunks, *w.stride(),
                  configs.token_bucket(tokens), DOT_DTYPE=dot_dtype, CHUNKS_PAD=triton.next_power_of_2(chunks))
