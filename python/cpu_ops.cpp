@@ -12,6 +12,8 @@ TORCH_LIBRARY_FRAGMENT(c2c_native, m) {
   // The GEMM engine choice (measured at first use per dtype and shape class, cached).
   m.def("cpu_choose_engine(ScalarType dtype, int tokens, int hidden) -> str", &c2c::cpu::choose_engine_name);
   m.def("cpu_engine_choices(bool clear) -> str", &c2c::cpu::engine_choices);
+  // The packed engine's cache of oneDNN-packed weights ("entries=N bytes=B").
+  m.def("cpu_packed_cache(bool clear) -> str", &c2c::cpu::packed_cache);
 }
 
 TORCH_LIBRARY_IMPL(c2c_native, CPU, m) {

@@ -29,11 +29,11 @@ def gemm_engine(monkeypatch, request):
     return request.param
 
 
-@pytest.mark.parametrize("gemm_engine", ["fp32", "native", "brgemm"], indirect=True)
+@pytest.mark.parametrize("gemm_engine", ["fp32", "native", "brgemm", "packed"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_both_gemm_engines(gemm_engine, dtype):
-    """16-bit caches through the fp32 engine (weights widened per block), ATen's 16-bit GEMMs and
-    the brgemm micro-kernel."""
+    """16-bit caches through the fp32 engine (weights widened per block), ATen's 16-bit GEMMs,
+    the brgemm micro-kernel and oneDNN on packed weights (native16 where it cannot run)."""
     case = make_case(layout="flashinfer_hnd", sharer_layout="vllm_nhd", dtype=dtype, seed=21, hidden=96,
                      intermediate=80, seq_lens=(9, 4, 6), padding=3)
     expected = reference_fused(case)
@@ -192,6 +192,8 @@ def test_config_reports_the_engine(monkeypatch):
     assert cpu.config(torch.float16).startswith("gemm=fp32")
     monkeypatch.setenv("C2C_CPU_GEMM", "brgemm")
     assert cpu.config(torch.bfloat16).startswith("gemm=brgemm")
+    monkeypatch.setenv("C2C_CPU_GEMM", "packed")
+    assert cpu.config(torch.bfloat16).startswith(("gemm=packed", "gemm=native16 (packed unavailable"))
     monkeypatch.delenv("C2C_CPU_GEMM")
     assert cpu.config(torch.bfloat16).startswith("gemm=auto")
     assert f"threads={torch.get_num_threads()}" in cpu.config(torch.float32)

@@ -2,6 +2,8 @@
 forced on whatever CPU runs the tests agrees with the reference (speed lives in benchmarks),
 and the automatic choice is measured once per (dtype, token class, hidden) and then cached,
 while C2C_CPU_GEMM forces an engine without measuring."""
+import os
+
 import pytest
 import torch
 
@@ -11,11 +13,30 @@ from c2c_kernels.testing import TOLERANCES, assert_storage_close, make_case, ref
 pytestmark = pytest.mark.skipif(backends.reason("cpu") is not None,
                                 reason=f"cpu backend unavailable: {backends.reason('cpu')}")
 
-ENGINES = {"fp32": "fp32", "native": "native16", "brgemm": "brgemm"}  # C2C_CPU_GEMM value -> name
+# C2C_CPU_GEMM value -> name
+ENGINES = {"fp32": "fp32", "native": "native16", "brgemm": "brgemm", "packed": "packed"}
 
 
 def cpu():
     return backends.get("cpu")
+
+
+def _packed_available(dtype=torch.bfloat16):
+    """Whether the packed engine runs ``dtype`` here (torch with mkldnn, oneDNN taking the dtype
+    on this CPU); where not, forcing it runs native16 and config says so."""
+    old = os.environ.get("C2C_CPU_GEMM")
+    os.environ["C2C_CPU_GEMM"] = "packed"
+    try:
+        return cpu().config(dtype).startswith("gemm=packed")
+    finally:
+        if old is None:
+            del os.environ["C2C_CPU_GEMM"]
+        else:
+            os.environ["C2C_CPU_GEMM"] = old
+
+
+needs_packed = pytest.mark.skipif(backends.reason("cpu") is None and not _packed_available(),
+                                  reason="torch without mkldnn: no packed engine")
 
 
 @pytest.fixture
@@ -35,6 +56,8 @@ def auto_engine(monkeypatch):
     dict(hidden=45, intermediate=33, receiver_dim=7, sharer_dim=5, seq_lens=(40, 3), padding=2),
 ], ids=["even", "odd"])
 def test_forced_engine_matches_the_reference(monkeypatch, engine, dtype, shape):
+    if engine == "packed" and not _packed_available(dtype):
+        pytest.skip(f"no packed engine for {dtype} here")
     monkeypatch.setenv("C2C_CPU_GEMM", engine)
     assert cpu().config(dtype).startswith("gemm=" + ENGINES[engine])
     assert cpu().choose_engine(dtype, 64, 96) == ENGINES[engine]
@@ -74,6 +97,8 @@ def test_clear_forgets_the_choices(auto_engine):
 
 def test_forcing_skips_the_measurement(auto_engine, monkeypatch):
     for value, name in ENGINES.items():
+        if value == "packed" and not _packed_available():
+            continue
         monkeypatch.setenv("C2C_CPU_GEMM", value)
         assert cpu().choose_engine(torch.bfloat16, 40, 96) == name
     assert cpu().engine_choices() == []
@@ -104,3 +129,77 @@ def test_bad_arguments_are_refused():
         cpu().choose_engine(torch.bfloat16, 4, 0)
     with pytest.raises(RuntimeError, match="unsupported dtype"):
         cpu().choose_engine(torch.int32, 4, 8)
+
+
+def _project(case):
+    return torch.ops.c2c.project(*case.args(), "cpu", False)
+
+
+def _reference_project(case):
+    return reference.project(case.receiver_caches, case.sharer_caches, case.receiver_slots, case.sharer_slots,
+                             case.weights, case.fusers)
+
+
+@needs_packed
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_packed_sees_weights_written_in_place(monkeypatch, dtype):
+    """The packed copies are cached per weight stack and version: a stack written in place after
+    a call (same pointer, sizes, strides and dtype) must be packed again, not served stale."""
+    if not _packed_available(dtype):
+        pytest.skip(f"no packed engine for {dtype} here")
+    monkeypatch.setenv("C2C_CPU_GEMM", "packed")
+    cpu().packed_cache(clear=True)
+    case = make_case(layout="flashinfer_hnd", dtype=dtype, seed=33, hidden=48, intermediate=40, seq_lens=(7, 5))
+    got_p, got_a = _project(case)
+    want_p, want_a = _reference_project(case)
+    torch.testing.assert_close(got_p, want_p, atol=5e-2, rtol=5e-2)
+    entries = cpu().packed_cache()["entries"]
+    assert entries > 0
+    assert _project(case)[0].equal(got_p)  # served from the cache: nothing packed anew
+    assert cpu().packed_cache()["entries"] == entries
+    with torch.no_grad():  # every GEMM weight of every fuser changes, pointers stay
+        for name in ("w_in_sharer", "w_in_receiver", "ffn_w1", "ffn_w2", "head_w1", "head_w2", "w_out"):
+            stack = getattr(case.weights, name)
+            ptr = stack.data_ptr()
+            stack.copy_(torch.flip(stack, dims=[-1]) * 1.5)
+            assert stack.data_ptr() == ptr
+    want_p, want_a = _reference_project(case)
+    assert not torch.allclose(want_p, got_p, atol=5e-2, rtol=5e-2)  # the change is visible
+    got_p, got_a = _project(case)
+    torch.testing.assert_close(got_p, want_p, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(got_a, want_a, atol=5e-2, rtol=5e-2)
+    # the stale versions were dropped, not kept beside the new ones
+    assert cpu().packed_cache()["entries"] == entries
+    cpu().packed_cache(clear=True)
+    assert cpu().packed_cache() == {"entries": 0, "bytes": 0}
+
+
+@needs_packed
+def test_packed_does_not_cache_inference_tensors(monkeypatch):
+    """Inference tensors have no version counter: forced packed still computes right, uncached."""
+    monkeypatch.setenv("C2C_CPU_GEMM", "packed")
+    cpu().packed_cache(clear=True)
+    case = make_case(dtype=torch.bfloat16, seed=34, hidden=40, intermediate=24, seq_lens=(6, 3))
+    want_p, _ = _reference_project(case)
+    with torch.inference_mode():
+        case.weights = type(case.weights)(*[t.clone() for t in case.weights])
+        got_p, _ = _project(case)
+    torch.testing.assert_close(got_p, want_p, atol=5e-2, rtol=5e-2)
+    assert cpu().packed_cache()["entries"] == 0
+
+
+@needs_packed
+def test_forced_packed_falls_back_where_unavailable(monkeypatch):
+    """fp16 needs AVX512-FP16 or AVX-NE-CONVERT in oneDNN: without them, forcing packed runs
+    native16 (never an error from inside a call)."""
+    monkeypatch.setenv("C2C_CPU_GEMM", "packed")
+    for dtype in (torch.float16, torch.bfloat16):
+        want = "packed" if _packed_available(dtype) else "native16"
+        assert cpu().choose_engine(dtype, 40, 96) == want
+
+
+@needs_packed
+def test_chooser_times_the_packed_engine(auto_engine):
+    cpu().choose_engine(torch.bfloat16, 40, 96)
+    log = cpu().engine_choices()
+    assert len(log) == 1 and " packed " in log[0] and "packed not timed" not in log[0], log

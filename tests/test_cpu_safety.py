@@ -309,13 +309,14 @@ def test_poisoning_follows_the_environment():
 
 @pytest.mark.parametrize("widths", list(WIDTHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("engine", ["fp32", "native", "brgemm"])
+@pytest.mark.parametrize("engine", ["fp32", "native", "brgemm", "packed"])
 def test_gemm_engines_match_the_reference(monkeypatch, engine, dtype, widths):
     """Every engine (the session poisons workspaces, see tests/conftest.py); fp32 caches always
-    take the fp32 engine."""
+    take the fp32 engine; packed runs native16 where oneDNN cannot take the dtype here."""
     monkeypatch.setenv("C2C_CPU_GEMM", engine)
     if dtype != torch.float32:
-        assert cpu().config(dtype).startswith("gemm=" + {"fp32": "fp32", "native": "native16"}.get(engine, engine))
+        names = {"fp32": ("fp32",), "native": ("native16",), "packed": ("packed", "native16")}.get(engine, (engine,))
+        assert cpu().config(dtype).startswith(tuple("gemm=" + n for n in names))
     check_engine_case(dtype, widths)
 
 
@@ -325,7 +326,7 @@ from c2c_kernels import backends
 import test_cpu_safety as t
 cpu = backends.get("cpu")
 assert "workspaces=poisoned" in cpu.config(torch.float32), cpu.config(torch.float32)
-for engine in ("fp32", "native", "brgemm"):
+for engine in ("fp32", "native", "brgemm", "packed"):
     os.environ["C2C_CPU_GEMM"] = engine
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for widths in t.WIDTHS:

@@ -2,12 +2,13 @@
 ATen GEMMs, multi-threaded. Needs the compiled extension ``c2c_kernels._C``.
 
 How it computes (docs/cpu.md; ``config(dtype)``): fp32 caches run ATen's fp32 GEMM (MKL)
-split by columns over the intra-op threads. 16-bit caches have three GEMM engines: ``fp32``
+split by columns over the intra-op threads. 16-bit caches have four GEMM engines: ``fp32``
 (weights widened to fp32 one block at a time, fp32 BLAS), ``native16`` (ATen's 16-bit GEMM,
-oneDNN) and ``brgemm`` (ATen's cpublas::brgemm micro-kernel, fp32 outputs). The first call of
+oneDNN), ``brgemm`` (ATen's cpublas::brgemm micro-kernel, fp32 outputs) and ``packed``
+(oneDNN inner product on weights packed once and cached, GELU fused; where torch has mkldnn). The first call of
 each (dtype, token class, hidden width) times one GEMM on each, checks it against fp32, and
 keeps the fastest for the process (``engine_choices()``); the CPU flags give the prior.
-Environment knobs, for tests and benchmarks: ``C2C_CPU_GEMM=fp32|native|brgemm`` (forces the
+Environment knobs, for tests and benchmarks: ``C2C_CPU_GEMM=fp32|native|brgemm|packed`` (forces the
 16-bit engine, read on every call), ``C2C_CPU_VEC=scalar`` (portable row kernels, read once),
 ``C2C_CPU_WBLOCK`` (weight rows widened per block), ``C2C_CPU_SPLIT=0`` (leave fp32 GEMM
 threading to BLAS).
@@ -32,7 +33,7 @@ def config(dtype: torch.dtype = torch.bfloat16) -> str:
 
 
 def choose_engine(dtype: torch.dtype, tokens: int, hidden: int) -> str:
-    """The GEMM engine (``fp32``, ``native16`` or ``brgemm``) a call on ``dtype`` caches with
+    """The GEMM engine (``fp32``, ``native16``, ``brgemm`` or ``packed``) a call on ``dtype`` caches with
     ``tokens`` valid tokens and fuser width ``hidden`` runs; measured and cached at the first
     call of its class unless ``C2C_CPU_GEMM`` forces one."""
     return torch.ops.c2c_native.cpu_choose_engine(dtype, tokens, hidden)
@@ -42,6 +43,17 @@ def engine_choices(clear: bool = False) -> list[str]:
     """One line per measured (dtype, token class, hidden): GEMM times per engine and the choice.
     ``clear`` forgets the choices (the next call of each class measures again)."""
     return [line for line in torch.ops.c2c_native.cpu_engine_choices(clear).splitlines() if line]
+
+
+def packed_cache(clear: bool = False) -> dict[str, int]:
+    """The ``packed`` engine's cache of oneDNN-packed weights: ``entries`` and ``bytes`` held
+    (one packed copy of each 16-bit weight matrix it ran, per token class; bounded by
+    ``C2C_CPU_PACK_MB``, default 4096). ``clear`` empties it."""
+    out = {}
+    for item in torch.ops.c2c_native.cpu_packed_cache(clear).split():
+        key, value = item.split("=")
+        out[key] = int(value)
+    return out
 
 
 def stage_times(enable: bool = True) -> dict[str, float]:

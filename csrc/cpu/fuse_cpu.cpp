@@ -4,6 +4,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <cstdlib>
 #include <cstring>
 
 #include "cpu/common.h"
@@ -69,6 +70,18 @@ void for_entries(const std::vector<int64_t>& entries, const F& run) {
   trim_workspace();
 }
 
+// The engine of a call. Inference tensors have no version counter, so the packed engine could
+// not cache their packed copies (it would pack on every call): the chooser's pick of it falls
+// back to native16 for them (a forced one still runs, packing per call).
+Engine call_engine(const StackedWeights& w, int64_t tokens) {
+  const Engine e = choose_engine(w.dtype, tokens, w.hidden);
+  if (e != Engine::Packed || forced_engine(w.dtype) >= 0) return e;
+  for (const auto& t : w.t) {
+    if (t.is_inference()) return Engine::Native16;
+  }
+  return e;
+}
+
 }  // namespace
 
 void fuse(const std::vector<at::Tensor>& receiver_caches, const std::vector<at::Tensor>& sharer_caches,
@@ -84,7 +97,7 @@ void fuse(const std::vector<at::Tensor>& receiver_caches, const std::vector<at::
   bool any_open = false;
   for (int64_t f : fusers) any_open = any_open || w.gate_open(f);
   if (!any_open) return;  // closed gates: no work at all
-  const Engine engine = choose_engine(w.dtype, tokens.size(), w.hidden);
+  const Engine engine = call_engine(w, tokens.size());
   // Entries write distinct receiver views and each reads only its own, so running them in any
   // order (or at once) still has every entry read the rows as they were when the call began.
   std::vector<int64_t> open;
@@ -114,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> project(const std::vector<at::Tensor>& receiv
   // Every valid token gets its rows, duplicated receiver slots included.
   const Tokens tokens = valid_tokens(receiver_slots, pool_rows(receiver_caches[0]), &sharer_slots,
                                      pool_rows(sharer_caches[0]), /*dedupe=*/false);
-  const Engine engine = choose_engine(w.dtype, tokens.size(), w.hidden);
+  const Engine engine = call_engine(w, tokens.size());
   float* const proj = projection.data_ptr<float>();
   float* const scale = head_scale.data_ptr<float>();
   // A closed gate still gets its projection (head_scale 0), as the reference returns it.
@@ -196,6 +209,8 @@ std::string choose_engine_name(c10::ScalarType dtype, int64_t tokens, int64_t hi
 
 std::string engine_choices(bool clear) { return engine_log(clear); }
 
+std::string packed_cache(bool clear) { return packed_cache_info(clear); }
+
 std::string config(c10::ScalarType dtype) {
   dt_of(dtype);
   const int forced = forced_engine(dtype);
@@ -206,6 +221,11 @@ std::string config(c10::ScalarType dtype) {
     if (engine == Engine::F32 && dtype != at::kFloat) gemm += " (16-bit weights widened to fp32 per block)";
     if (engine == Engine::Native16) gemm += " (ATen/oneDNN 16-bit GEMM)";
     if (engine == Engine::Brgemm) gemm += " (ATen cpublas::brgemm, fp32 outputs)";
+    if (engine == Engine::Packed) gemm += " (oneDNN inner product on cached packed weights, GELU fused)";
+    if (engine == Engine::Native16 && std::getenv("C2C_CPU_GEMM") != nullptr &&
+        std::strcmp(std::getenv("C2C_CPU_GEMM"), "packed") == 0) {
+      gemm += " (packed unavailable for this dtype here)";
+    }
   } else {
     gemm = std::string("auto (measured at first use per token class; CPU-flag prior ") +
            engine_name(prior_engine(dtype)) + ")";

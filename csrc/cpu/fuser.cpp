@@ -14,6 +14,7 @@
 // residual stream u (GEMM beta = 1). Engine::Native16 feeds the GEMMs 16-bit activations and
 // keeps the residual stream fp32 (outputs come back 16-bit, added in the row passes).
 // Engine::Brgemm feeds 16-bit activations and accumulates fp32 outputs into u, as F32 does.
+// Engine::Packed is laid out as Native16 (16-bit GEMM inputs and outputs), GELU fused.
 #include "cpu/fuser.h"
 
 #include <ATen/Parallel.h>
@@ -300,14 +301,18 @@ class FuserRun {
   // Stack `i` of fuser f_ (FFN `block` for the [P, B, ...] stacks): a row-major [out, in]
   // matrix, leading dimension = in.
   Mat mat(Weight i, int64_t ld, int64_t block = 0) const {
-    return Mat{const_cast<char*>(w_.at(i, f_, block)), cdt, ld};
+    // With its stack named, so Engine::Packed can cache the packed copy (gemm.h).
+    return Mat{const_cast<char*>(w_.at(i, f_, block)), cdt, ld, &w_.t[i]};
   }
   const float* ffn_norm(int64_t b) const { return sp.ffn_norm + b * H; }
 
   // C = gelu(A W^T) into `hid` (16-bit for Native16 and Brgemm, fp32 for F32); Brgemm computes
   // fp32 into `hid32` and its epilogue rounds the GELU'd block into hid.
   void up_gemm(const Mat& a, const Mat& w, int64_t n, const Mat& hid, const Mat& hid32) {
-    if (acc && !f32) {
+    if (engine_ == Engine::Packed) {
+      // GELU as oneDNN's post-op, on the fp32 accumulators (one rounding to 16 bits, not two).
+      gemm_packed_gelu(M, n, H, a, w, hid);
+    } else if (acc && !f32) {
       gemm(engine_, M, n, H, a, w, hid32, false, [&](int64_t n0, int64_t n1) { gelu_cols(hid32, n0, n1, &hid); });
     } else {
       gemm(engine_, M, n, H, a, w, hid, false, [&](int64_t n0, int64_t n1) { gelu_cols(hid, n0, n1); });

@@ -7,7 +7,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/Utils.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/native/CPUBlas.h>
+#include <c10/core/StorageImpl.h>
+#include <c10/util/intrusive_ptr.h>
 
 #include <algorithm>
 #include <chrono>
@@ -16,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <list>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -127,6 +131,162 @@ void brgemm_gemm(int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c, bool accu
   });
 }
 
+
+// ---- Engine::Packed ------------------------------------------------------------------------
+
+// The two mkldnn ops, called through the dispatcher (boxed: their C++ signatures are not part
+// of torch's API). Looked up once; missing ops (or torch without mkldnn) leave the engine
+// unavailable.
+struct PackedOps {
+  std::optional<c10::OperatorHandle> reorder, linear;
+  bool ok = false;
+};
+
+const PackedOps& packed_ops() {
+  static const PackedOps ops = [] {
+    PackedOps o;
+    if (!at::hasMKLDNN()) return o;
+    auto& d = c10::Dispatcher::singleton();
+    o.reorder = d.findSchema({"mkldnn::_reorder_linear_weight", ""});
+    o.linear = d.findSchema({"mkldnn::_linear_pointwise", ""});
+    o.ok = o.reorder.has_value() && o.linear.has_value();
+    return o;
+  }();
+  return ops;
+}
+
+// W [n, k] (dense rows, leading dimension w.ld) reordered into oneDNN's layout for m rows of A.
+at::Tensor pack_weight(int64_t m, int64_t n, int64_t k, Mat w) {
+  const PackedOps& ops = packed_ops();
+  TORCH_CHECK(ops.ok, "c2c cpu: the packed engine needs torch built with mkldnn (mkldnn::_linear_pointwise)");
+  // A dense copy: the reorder must not see the rest of the stack, and the packed tensor must
+  // not alias the caller's memory.
+  at::Tensor wt = as_tensor(w, n, k).contiguous();
+  if (wt.data_ptr() == w.p) wt = wt.clone();
+  torch::jit::Stack st{c10::IValue(wt), c10::IValue(m)};
+  ops.reorder->callBoxed(st);
+  return st.at(0).toTensor();
+}
+
+// The packed copies, keyed by the weight matrix's address and shape, the identity of the
+// tensor it points into (storage, data pointer, sizes, strides, dtype) and that tensor's
+// version counter, and the token class (oneDNN picks the layout for a row count). Entries hold
+// their source storage weakly: the weights' memory is never kept alive here, an entry whose
+// storage is gone is dropped, and a new storage at a freed one's address cannot match (the
+// weak reference keeps the StorageImpl object itself, and so its address, reserved). A weight
+// written in place bumps the version and misses; writes that bypass the version counter
+// (through .data or an inference tensor) are not seen, so inference tensors are never cached.
+struct PackedKey {
+  const void* p;
+  int64_t n, k, ld;
+  const void* storage;
+  const void* data;
+  std::vector<int64_t> sizes, strides;
+  int dtype;
+  int64_t version;
+  int cls;
+  bool operator<(const PackedKey& o) const {
+    return std::tie(p, n, k, ld, storage, data, sizes, strides, dtype, version, cls) <
+           std::tie(o.p, o.n, o.k, o.ld, o.storage, o.data, o.sizes, o.strides, o.dtype, o.version, o.cls);
+  }
+};
+
+struct PackedEntry {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  at::Tensor packed;
+  int64_t bytes;
+  std::list<PackedKey>::iterator lru;
+};
+
+struct PackedCache {
+  std::mutex mu;
+  std::map<PackedKey, PackedEntry> map;
+  std::list<PackedKey> lru;  // most recently used first
+  int64_t bytes = 0;
+
+  void erase(std::map<PackedKey, PackedEntry>::iterator it) {
+    bytes -= it->second.bytes;
+    lru.erase(it->second.lru);
+    map.erase(it);
+  }
+};
+
+PackedCache& packed_cache() {
+  static PackedCache c;
+  return c;
+}
+
+// At most C2C_CPU_PACK_MB (default 4096) MiB of packed weights, least recently used dropped
+// first: one packed copy of each 16-bit weight matrix per token class in use.
+int64_t packed_cap() {
+  static const int64_t cap = env_int("C2C_CPU_PACK_MB", 4096) << 20;
+  return cap;
+}
+
+int token_class(int64_t tokens);
+
+at::Tensor packed_weight(int64_t m, int64_t n, int64_t k, Mat w) {
+  const at::Tensor* src = w.src;
+  if (src == nullptr || !src->defined() || src->is_inference() || !src->has_storage()) return pack_weight(m, n, k, w);
+  c10::StorageImpl* const storage = src->storage().unsafeGetStorageImpl();
+  PackedKey key{w.p, n, k, w.ld, storage, src->data_ptr(), src->sizes().vec(), src->strides().vec(),
+                static_cast<int>(src->scalar_type()), src->_version(), token_class(m)};
+  PackedCache& pc = packed_cache();
+  {
+    std::lock_guard<std::mutex> lock(pc.mu);
+    auto it = pc.map.find(key);
+    if (it != pc.map.end()) {
+      if (!it->second.storage.expired() && it->second.storage._unsafe_get_target() == storage) {
+        pc.lru.splice(pc.lru.begin(), pc.lru, it->second.lru);
+        return it->second.packed;
+      }
+      pc.erase(it);
+    }
+  }
+  at::Tensor packed = pack_weight(m, n, k, w);
+  std::lock_guard<std::mutex> lock(pc.mu);
+  if (pc.map.count(key) != 0) return pc.map.at(key).packed;
+  // Drop entries of freed storages and older versions of this weight, then the least recently
+  // used ones while over the cap.
+  for (auto it = pc.map.begin(); it != pc.map.end();) {
+    const PackedKey& kk = it->first;
+    const bool old_version = kk.p == key.p && kk.storage == key.storage && kk.version != key.version;
+    if (it->second.storage.expired() || old_version) {
+      auto next = std::next(it);
+      pc.erase(it);
+      it = next;
+    } else {
+      ++it;
+    }
+  }
+  const int64_t bytes = n * k * dt_size(w.dt);
+  while (!pc.lru.empty() && pc.bytes + bytes > packed_cap()) pc.erase(pc.map.find(pc.lru.back()));
+  if (bytes > packed_cap()) return packed;
+  pc.lru.push_front(key);
+  pc.map.emplace(key, PackedEntry{c10::weak_intrusive_ptr<c10::StorageImpl>(c10::intrusive_ptr<c10::StorageImpl>::unsafe_reclaim_from_nonowning(storage)), packed,
+                                  bytes, pc.lru.begin()});
+  pc.bytes += bytes;
+  return packed;
+}
+
+// C (+)= A W^T (gelu'd when `gelu`) with W packed; A and C dense.
+void packed_run(int64_t m, int64_t n, int64_t k, Mat a, const at::Tensor& pw, Mat c, bool accumulate, bool gelu) {
+  torch::jit::Stack st{c10::IValue(as_tensor(a, m, k)),
+                       c10::IValue(pw),
+                       c10::IValue(),
+                       c10::IValue(gelu ? "gelu" : "none"),
+                       c10::IValue(c10::List<std::optional<c10::Scalar>>()),
+                       c10::IValue(gelu ? "none" : "")};
+  packed_ops().linear->callBoxed(st);
+  const at::Tensor out = st.at(0).toTensor();
+  at::Tensor ct = as_tensor(c, m, n);
+  if (accumulate) {
+    ct.add_(out);
+  } else {
+    ct.copy_(out);
+  }
+}
+
 // ---- the engine choice ---------------------------------------------------------------------
 
 // Token classes: decode-sized, short prefill, long prefill, very long.
@@ -166,7 +326,9 @@ Engine measure(c10::ScalarType dtype, int64_t tokens, int64_t hidden, std::strin
   at::Tensor a16 = a32.to(dtype), w16 = w32.to(dtype);
   a32 = a16.to(at::kFloat);  // every engine multiplies the same (16-bit) values
   const Mat w{w16.data_ptr(), dt, k};
-  bool candidate[kEngines] = {true, true, at::native::cpublas::could_pack(dtype)};
+  bool candidate[kEngines] = {true, true, at::native::cpublas::could_pack(dtype), packed_available(dtype)};
+  // The packed engine is timed on a weight packed once beforehand, as its cache serves calls.
+  const at::Tensor pw = candidate[static_cast<int>(Engine::Packed)] ? pack_weight(m, n, k, w) : at::Tensor();
   at::Tensor out[kEngines];
   double times[kEngines];
   bool ok[kEngines];
@@ -182,7 +344,11 @@ Engine measure(c10::ScalarType dtype, int64_t tokens, int64_t hidden, std::strin
       const Dt ad = a_dtype(engine, dt), cd = c_dtype(engine, dt);
       const Mat a{ad == Dt::F32 ? a32.data_ptr() : a16.data_ptr(), ad, k}, cm{out[e].data_ptr(), cd, n};
       const auto t0 = std::chrono::steady_clock::now();
-      gemm(engine, m, n, k, a, w, cm, false);
+      if (engine == Engine::Packed) {
+        packed_run(m, n, k, a, pw, cm, false, false);
+      } else {
+        gemm(engine, m, n, k, a, w, cm, false);
+      }
       const double t = seconds_since(t0);
       if (round > 0) times[e] = std::min(times[e], t);
     }
@@ -214,7 +380,8 @@ Engine measure(c10::ScalarType dtype, int64_t tokens, int64_t hidden, std::strin
   line = buf;
   for (int e = 0; e < kEngines; ++e) {
     if (!candidate[e]) {
-      line += std::string(" ") + engine_name(static_cast<Engine>(e)) + " not timed (no micro-kernel),";
+      line += std::string(" ") + engine_name(static_cast<Engine>(e)) +
+              (e == static_cast<int>(Engine::Packed) ? " not timed (no mkldnn)," : " not timed (no micro-kernel),");
       continue;
     }
     std::snprintf(buf, sizeof(buf), " %s %.3f ms%s,", engine_name(static_cast<Engine>(e)), times[e] * 1e3,
@@ -233,6 +400,8 @@ const char* engine_name(Engine engine) {
       return "fp32";
     case Engine::Native16:
       return "native16";
+    case Engine::Packed:
+      return "packed";
     default:
       return "brgemm";
   }
@@ -252,6 +421,8 @@ int forced_engine(c10::ScalarType dtype) {
   if (std::strcmp(env, "fp32") == 0) return static_cast<int>(Engine::F32);
   if (std::strcmp(env, "native") == 0) return static_cast<int>(Engine::Native16);
   if (std::strcmp(env, "brgemm") == 0) return static_cast<int>(Engine::Brgemm);
+  // Where oneDNN cannot run the dtype here, the packed engine falls back to native16.
+  if (std::strcmp(env, "packed") == 0) return static_cast<int>(packed_available(dtype) ? Engine::Packed : Engine::Native16);
   return -1;  // "auto" or anything else
 }
 
@@ -287,8 +458,21 @@ void gemm(Engine engine, int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c, b
   if (m == 0 || n == 0) return;
   // The 16-bit path gets dense A and C (see mm_block and the hid buffer in fuser.cpp): no
   // padding bytes between rows that a library kernel could read as part of a tile.
-  TORCH_CHECK(engine != Engine::Native16 || (a.ld == k && c.ld == n), "c2c cpu: the native16 GEMM needs dense operands (",
-              "A ld ", a.ld, " for K ", k, ", C ld ", c.ld, " for N ", n, ")");
+  TORCH_CHECK((engine != Engine::Native16 && engine != Engine::Packed) || (a.ld == k && c.ld == n), "c2c cpu: the ",
+              engine_name(engine), " GEMM needs dense operands (A ld ", a.ld, " for K ", k, ", C ld ", c.ld, " for N ", n, ")");
+  if (engine == Engine::Packed) {
+    TORCH_CHECK(a.dt == w.dt && c.dt == w.dt && a.dt != Dt::F32, "c2c cpu: the packed engine takes 16-bit A, W and C");
+    packed_run(m, n, k, a, packed_weight(m, n, k, w), c, accumulate, false);
+    if (epilogue) {
+      const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + kAlign - 1) / kAlign));
+      const int64_t per = ((n + parts - 1) / parts + kAlign - 1) / kAlign * kAlign;
+      parallel_tasks(parts, [&](int64_t p) {
+        const int64_t n0 = p * per, n1 = std::min(n, n0 + per);
+        if (n0 < n1) epilogue(n0, n1);
+      });
+    }
+    return;
+  }
   if (engine == Engine::Brgemm) {
     TORCH_CHECK(a.dt == w.dt && a.dt != Dt::F32 && c.dt == Dt::F32, "c2c cpu: the brgemm engine takes 16-bit A and W, fp32 C");
     if (a.dt == Dt::BF16) {
@@ -347,6 +531,45 @@ void gemm(Engine engine, int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c, b
     mm_block(m, n1 - n0, k, a, Mat{buf.data(), Dt::F32, k}, offset(c, 0, n0), accumulate);
     if (epilogue) epilogue(n0, n1);
   });
+}
+
+void gemm_packed_gelu(int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c) {
+  if (m == 0 || n == 0) return;
+  TORCH_CHECK(a.ld == k && c.ld == n && a.dt == w.dt && c.dt == w.dt && a.dt != Dt::F32,
+              "c2c cpu: the packed engine takes dense 16-bit A and C");
+  packed_run(m, n, k, a, packed_weight(m, n, k, w), c, false, true);
+}
+
+bool packed_available(c10::ScalarType dtype) {
+  if (!packed_ops().ok || (dtype != at::kBFloat16 && dtype != at::kHalf)) return false;
+  // oneDNN's 16-bit paths need CPU support torch checks at packing time (fp16: AVX512-FP16 or
+  // AVX-NE-CONVERT; bf16: AVX-512): one probe per dtype, a refusal makes the engine unavailable.
+  static const auto probe = [](c10::ScalarType st) {
+    try {
+      at::Tensor w = at::ones({16, 16}, at::TensorOptions().dtype(st));
+      const Mat wm{w.data_ptr(), dt_of(st), 16};
+      at::Tensor a = at::ones({2, 16}, at::TensorOptions().dtype(st)), c = at::empty({2, 16}, a.options());
+      packed_run(2, 16, 16, Mat{a.data_ptr(), dt_of(st), 16}, pack_weight(2, 16, 16, wm), Mat{c.data_ptr(), dt_of(st), 16},
+                 false, false);
+      return c.to(at::kFloat).eq(16.f).all().item<bool>();
+    } catch (const c10::Error&) {
+      return false;
+    }
+  };
+  static const bool bf16 = probe(at::kBFloat16), fp16 = probe(at::kHalf);
+  return dtype == at::kBFloat16 ? bf16 : fp16;
+}
+
+std::string packed_cache_info(bool clear) {
+  PackedCache& pc = packed_cache();
+  std::lock_guard<std::mutex> lock(pc.mu);
+  const std::string out = "entries=" + std::to_string(pc.map.size()) + " bytes=" + std::to_string(pc.bytes);
+  if (clear) {
+    pc.map.clear();
+    pc.lru.clear();
+    pc.bytes = 0;
+  }
+  return out;
 }
 
 }  // namespace c2c::cpu

@@ -5,6 +5,7 @@
 
 #include <c10/util/FunctionRef.h>
 #include <c10/core/ScalarType.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <string>
@@ -27,14 +28,20 @@ enum class Engine {
   // Inductor's CPU GEMM template uses, on blocks of W transposed (and packed into VNNI pairs
   // where cpublas::could_pack says the CPU has a micro-kernel, i.e. AMX) per thread.
   Brgemm,
+  // Activations, outputs and weights in the 16-bit cache dtype through oneDNN's inner product
+  // (mkldnn::_linear_pointwise) on weights reordered once into oneDNN's blocked layout
+  // (mkldnn::_reorder_linear_weight) and cached (see packed_cache_info); the FFN-up GEMMs run
+  // GELU as oneDNN's post-op on the fp32 accumulators. Where torch lacks mkldnn or these ops,
+  // the engine is unavailable (packed_available).
+  Packed,
 };
 
-constexpr int kEngines = 3;
+constexpr int kEngines = 4;
 const char* engine_name(Engine engine);
 
 // The engine for a call on caches of `dtype` with `tokens` valid tokens and fuser hidden
 // width `hidden`. fp32 caches always take Engine::F32. For 16-bit caches C2C_CPU_GEMM=fp32,
-// =native or =brgemm forces one (read on every call); otherwise the first call of each
+// =native, =brgemm or =packed forces one (=packed runs native16 where unavailable) (read on every call); otherwise the first call of each
 // (dtype, token class, hidden) times one hidden x hidden GEMM on every engine, checks each
 // result against the fp32 one, and keeps the fastest, cached for the process. The CPU's flags
 // give the prior (prior_engine), which another engine must beat by 1.25x to be chosen.
@@ -48,10 +55,13 @@ int forced_engine(c10::ScalarType dtype);
 std::string engine_log(bool clear);
 
 // A row-major matrix operand: element (i, j) at p + (i * ld + j) * dt_size(dt).
+// For a weight, `src` may name the tensor p points into (Engine::Packed caches its packed
+// copy under that tensor's identity and version; without it every call packs anew).
 struct Mat {
   void* p;
   Dt dt;
   int64_t ld;
+  const at::Tensor* src = nullptr;
 };
 
 inline Mat offset(Mat m, int64_t row, int64_t col) {
@@ -60,7 +70,7 @@ inline Mat offset(Mat m, int64_t row, int64_t col) {
 
 // The dtypes an engine's GEMMs take: A (activations) and C (outputs), for 16-bit caches `cdt`.
 inline Dt a_dtype(Engine e, Dt cdt) { return e == Engine::F32 ? Dt::F32 : cdt; }
-inline Dt c_dtype(Engine e, Dt cdt) { return e == Engine::Native16 ? cdt : Dt::F32; }
+inline Dt c_dtype(Engine e, Dt cdt) { return e == Engine::Native16 || e == Engine::Packed ? cdt : Dt::F32; }
 
 // C = A W^T (or C += A W^T when `accumulate`), all M x N x K. A and C in the engine's dtypes
 // (a_dtype, c_dtype), W of the cache dtype (or fp32 for Engine::F32). Engine::Native16 wants
@@ -75,5 +85,16 @@ inline Dt c_dtype(Engine e, Dt cdt) { return e == Engine::Native16 ? cdt : Dt::F
 // Engine::Native16 makes one ATen call and lets oneDNN thread.
 void gemm(Engine engine, int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c, bool accumulate,
           c10::function_ref<void(int64_t, int64_t)> epilogue = nullptr);
+
+// Engine::Packed: C = gelu(A W^T) (exact erf GELU, oneDNN post-op on the fp32 accumulators,
+// rounded once to C's 16-bit dtype). A and C dense, as for gemm().
+void gemm_packed_gelu(int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c);
+
+// Whether Engine::Packed can run `dtype` here: torch built with mkldnn (at::hasMKLDNN()), the
+// mkldnn::_reorder_linear_weight / mkldnn::_linear_pointwise ops registered, and oneDNN taking
+// the dtype on this CPU (probed once). C2C_CPU_GEMM=packed runs native16 where it cannot.
+bool packed_available(c10::ScalarType dtype);
+// The packed-weight cache: entries and bytes held; `clear` empties it.
+std::string packed_cache_info(bool clear);
 
 }  // namespace c2c::cpu
