@@ -444,7 +444,7 @@ def call_fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weig
               check_slots=False) -> None:
     """``torch.ops.c2c.fuse(...)`` at the least host cost (see above); the same checks and result."""
     if _direct(backend, check_slots):
-        key = _fingerprint((weights, receiver_caches, sharer_caches), fusers, (receiver_slots, sharer_slots))
+        key = _fuse_key(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, False)
         if key is not None:
             receiver_caches, sharer_caches = list(receiver_caches), list(sharer_caches)
             if receiver_slots.device.type == "meta":  # the meta kernel's work: the checks
@@ -461,7 +461,7 @@ def call_project(receiver_caches, sharer_caches, receiver_slots, sharer_slots, w
                  check_slots=False):
     """``torch.ops.c2c.project(...)`` at the least host cost."""
     if _direct(backend, check_slots):
-        key = _fingerprint((weights, receiver_caches, sharer_caches), fusers, (receiver_slots, sharer_slots))
+        key = _fuse_key(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers, False)
         if key is not None:
             receiver_caches, sharer_caches = list(receiver_caches), list(sharer_caches)
             if receiver_slots.device.type == "meta":
@@ -478,7 +478,7 @@ def call_merge(receiver_caches, receiver_slots, projections, head_scales, backen
     """``torch.ops.c2c.merge(...)`` at the least host cost."""
     if _direct(backend, check_slots):
         projections, head_scales = list(projections), list(head_scales)
-        key = _fingerprint((receiver_caches,), (), (receiver_slots, *projections, *head_scales))
+        key = _merge_key(receiver_caches, receiver_slots, projections, head_scales, False)
         if key is not None:
             receiver_caches = list(receiver_caches)
             if receiver_slots.device.type == "meta":
