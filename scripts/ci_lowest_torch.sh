@@ -17,11 +17,32 @@ stamp() { echo "[lowest-torch] $1: $(( $(date +%s) - start )) s"; }
 
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 py=$venv/bin/python
-"$py" -m pip install -q --upgrade pip setuptools wheel
+pipq() { "$py" -m pip install -q --no-cache-dir "$@"; }
+pipq --upgrade pip setuptools wheel
+# Disk: PyPI's torch 2.11 for x86_64 is a CUDA build whose CUDA libraries (about 2.7 GB) come
+# as nvidia-* packages. The main environment already holds the same major CUDA release (13), so
+# torch and triton go in without their dependencies and this venv reads the main one's nvidia/
+# folder through a .pth file (the CPU tests load those libraries, never call them). A full
+# second copy filled the CI disk once. If the main venv has no such folder, or torch does not
+# import against it, the plain install with every dependency follows.
+main_site=$("${C2C_VENV:-$root/.venv}/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" 2>/dev/null || true)
+site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+rm -f "$site/c2c_shared_cuda_libs.pth"
 # numpy<2.4: triton 3.6's interpreter calls int() on one-element arrays (c2c_kernels/compat.py).
-"$py" -m pip install -q "${C2C_LOWEST_TORCH:-torch==2.11.*}" "triton==3.6.*" "numpy<2.4" ninja \
-  pytest expecttest
+pipq "numpy<2.4" ninja pytest expecttest filelock typing-extensions sympy networkx jinja2 fsspec
+shared_ok=0
+if [ -n "$main_site" ] && [ -d "$main_site/nvidia" ]; then
+  pipq --no-deps "${C2C_LOWEST_TORCH:-torch==2.11.*}" "triton==3.6.*"
+  mkdir -p "$work/shared-cuda-libs"
+  ln -sfn "$main_site/nvidia" "$work/shared-cuda-libs/nvidia"
+  echo "$work/shared-cuda-libs" > "$site/c2c_shared_cuda_libs.pth"
+  "$py" -c "import torch" 2>/dev/null && shared_ok=1 || rm -f "$site/c2c_shared_cuda_libs.pth"
+fi
+if [ "$shared_ok" = 0 ]; then
+  pipq "${C2C_LOWEST_TORCH:-torch==2.11.*}" "triton==3.6.*"
+fi
 "$py" -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
+echo "[lowest-torch] CUDA libraries: $([ "$shared_ok" = 1 ] && echo "shared with $main_site" || echo "own copy"); venv $(du -sh "$venv" | cut -f1)"
 stamp "install"
 
 # The working tree's files (tracked, and new ones git does not ignore), nothing built.
