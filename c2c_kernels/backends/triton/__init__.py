@@ -1,4 +1,4 @@
-"""The Triton backend: the whole fuser forward in ``2 * num_blocks + 5`` launches per call.
+"""The Triton backend: the whole fuser forward in ``2 * num_blocks + 4`` launches per call.
 
 Every entry of a call (K and V of every layer) goes through each stage in the same launch: the
 weights are stacked over fusers and each program looks its fuser up in a small per-call device

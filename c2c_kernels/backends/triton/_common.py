@@ -1,5 +1,6 @@
 """Helpers every Triton stage shares: the program -> tile mapping, the slot -> row addressing of
-a cache view, the entry table layout, exact GELU, and the dtype choices made on the host."""
+a cache view, the entry table layout, exact GELU, the head padding, and the dtype choices made
+on the host."""
 from __future__ import annotations
 
 import torch
@@ -23,6 +24,12 @@ ENTRY_SHARER = tl.constexpr(5)
 ENTRY_WIDTH = tl.constexpr(9)
 
 RMS_EPS = tl.constexpr(_RMS_EPS)
+
+
+def heads_pad(heads: int) -> int:
+    """The HEADS_PAD constexpr of a ``[rows, heads]`` logit tile: a power of two, at least 16
+    (the narrowest ``tl.dot`` operand)."""
+    return max(16, triton.next_power_of_2(heads))
 
 
 def dot_dtype(dtype: torch.dtype):

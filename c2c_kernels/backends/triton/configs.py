@@ -47,7 +47,9 @@ UNALIGNED_BK = 32
 # Programs of a persistent GEMM launch in the interpreter: fewer than the tiles of the test
 # shapes, so each program loops over several tiles there too.
 INTERPRET_PROGRAMS = 3
-LOGIT_BN = 128  # the head-logit stage's column tile: the output stage sums one partial per tile
+# The column tile of the weight branch's FFN-up (ffn_up.launch_head_logits), which stores one
+# partial head logit per tile: the output stage sums hidden / LOGIT_BN partials in a fixed order.
+LOGIT_BN = 128
 MERGE_BLOCK = (32, 128)  # the standalone merge is elementwise: (rows, columns) per program
 
 

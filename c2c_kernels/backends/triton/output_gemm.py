@@ -2,7 +2,7 @@
 
 With WRITE_CACHE each ``[BM tokens, BN columns]`` tile of ``y``, once finished, sums the
 head logits of its tokens (the bias plus the weight branch's per-column-tile partials, see
-ffn_down.py) for the head of each column, and stores ``x + G * sigmoid(a[head]) * y`` over the
+ffn_up.py) for the head of each column, and stores ``x + G * sigmoid(a[head]) * y`` over the
 receiver rows ``x`` at the tokens' slots, in place, in the cache dtype. A closed gate stores
 nothing, so its cache stays bit-identical; padding tokens are neither read nor written. Every
 row is read before it is written by the same tile, and no other tile touches it, so all
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._common import (ENTRY_FUSER, ENTRY_RECEIVER, ENTRY_WIDTH, dense_gemm, head_columns, load_view,
+from ._common import (ENTRY_FUSER, ENTRY_RECEIVER, ENTRY_WIDTH, dense_gemm, head_columns, heads_pad, load_view,
                       page_constexpr, slot_rows, tile_coords, token_rows)
 
 
@@ -120,7 +120,7 @@ def launch(table, receiver_slots, receiver_view, p, weights, logits, *, cache_dt
             tokens, entries, width, k_in, heads, receiver_view.shape[1], logits.shape[1],
             *w.stride(), *bias.stride(), *head_bias.stride(), configs.token_bucket(tokens))
     meta = dict(WRITE_CACHE=write_cache, ONE_HEAD=False, CACHE_DTYPE=cache_dtype, DOT_DTYPE=dot_dtype,
-                VEC=vec, HEADS_PAD=max(16, triton.next_power_of_2(heads)), HEAD_DIM=receiver_view.shape[3],
+                VEC=vec, HEADS_PAD=heads_pad(heads), HEAD_DIM=receiver_view.shape[3],
                 PAGE_SIZE=page_constexpr(receiver_view.shape[1]))
 
     def grid(m):

@@ -1,15 +1,19 @@
 """The stage order of one call, and the activation buffers between stages.
 
-Launches per call (``B = num_blocks`` FFN blocks on the projection path, 2 for the published
-3-layer fusers), each covering every entry of the call at once:
+``2B + 4`` launches per call (``B = num_blocks`` FFN blocks on the projection path, 2 for the
+published 3-layer fusers: 8 launches), each covering every entry of the call at once:
 
     0          prepare slots     user slots -> int64 slots, in range, deduped  slot_prep.py
     1          input GEMM        caches --(slots)--> u                          input_gemm.py
     2, 3       FFN_1             u -> h -> z                                    ffn_up/ffn_down
-    4, 5       weight branch     z -> h -> per-tile head logits (w never stored) ffn_up/ffn_down
-    6 .. 2B+3  projection blocks z -> h -> z' (ping-pong)                       ffn_up/ffn_down
-    2B+4       output GEMM       p -> x + G sigmoid(a) y into the caches        output_gemm.py
+    4          weight branch     z -> per-tile head logits (h, w never stored)  ffn_up (head logits)
+    5 .. 2B+2  projection blocks z -> h -> z' (ping-pong)                       ffn_up/ffn_down
+    2B+3       output GEMM       p -> x + G sigmoid(a) y into the caches        output_gemm.py
                                  (or -> projection, head_scale for c2c::project)
+
+The weight branch is one launch: its second GEMM is folded into the head weights
+(``V = W_head W_2h``, folded.py), so its FFN-up multiplies each fp32 GELU tile by ``V`` and the
+matching columns of ``z`` by ``W_head`` and stores per-column-tile partial logits.
 
 Launch 0 turns the user's slots (int32/int64, any stride) into contiguous int64 slots that lie
 inside the pools (duplicates dropped for fuse and merge, not for project; c2c_kernels.slots),
@@ -39,7 +43,7 @@ def run(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, f
     hidden, inter, heads = weights.hidden_dim, weights.intermediate_dim, weights.receiver_heads
     cache_dtype, mma_dtype = TL_DTYPES[dtype], dot_dtype(dtype)
     entry = tables.entry_table(receiver_caches, sharer_caches, fusers)
-    fold = folded.folded(weights)  # W_1 diag(norm gain), cached per checkpoint
+    fold = folded.folded(weights)  # W_1 diag(norm gain) and W_head W_2h, cached per checkpoint
     table = entry.rows
     # Kernel arguments, not table rows: the tables are cached by address, the slots change per call.
     receiver_slots, sharer_slots = slot_prep.prepare(
@@ -48,9 +52,7 @@ def run(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, f
 
     u = workspace.empty(entries, tokens, hidden, dtype=dtype, device=device)
     z = workspace.empty(entries, tokens, hidden, dtype=dtype, device=device)
-    inner = workspace.empty(entries * tokens * max(inter, hidden), dtype=dtype, device=device)
-    h_ffn = inner[:entries * tokens * inter].view(entries, tokens, inter)
-    h_head = inner[:entries * tokens * hidden].view(entries, tokens, hidden)
+    h_ffn = workspace.empty(entries, tokens, inter, dtype=dtype, device=device)
     # Per-32-column partial sums of squares of u and z, written by the stage that writes them
     # (the input GEMM, FFN-down), read by the FFN-up that normalises them.
     u_sq = workspace.empty(entries, tokens, sum_sq_chunks(hidden), dtype=torch.float32, device=device)
@@ -70,9 +72,8 @@ def run(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, f
                         target[1] if norm_follows else None, dot_dtype=mma_dtype)
 
     ffn_block(0, (u, u_sq), (z, z_sq))
-    ffn_up.launch(table, z, z_sq, fold.head_w1, h_head, dot_dtype=mma_dtype)
-    ffn_down.launch_head_logits(table, h_head, weights.head_w2, z, weights.w_head, logits,
-                                dot_dtype=mma_dtype)
+    ffn_up.launch_head_logits(table, z, z_sq, fold.head_w1, fold.head_v, weights.w_head, logits,
+                              dot_dtype=mma_dtype)
     current, spare = (z, z_sq), (u, u_sq)
     for block in range(1, weights.num_blocks):
         ffn_block(block, current, spare)
