@@ -177,10 +177,15 @@ def bench_host_overhead(rounds: int, min_time: float) -> dict:
     return {name: v * 1e6 for name, v in t.items()}
 
 
+_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
+                "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[64, 512])
-    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
+                    choices=sorted(_DTYPE_NAMES), type=lambda name: _DTYPE_NAMES.get(name, name))
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--min-time", type=float, default=0.2, help="seconds per sample (at least one call)")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")

@@ -14,6 +14,8 @@ TORCH_LIBRARY_FRAGMENT(c2c_native, m) {
   m.def("cpu_engine_choices(bool clear) -> str", &c2c::cpu::engine_choices);
   // The packed engine's cache of oneDNN-packed weights ("entries=N bytes=B").
   m.def("cpu_packed_cache(bool clear) -> str", &c2c::cpu::packed_cache);
+  // The cached folds V = W_head Wh2 of the weight branch ("entries=N bytes=B fusers=F").
+  m.def("cpu_head_fold_cache(bool clear) -> str", &c2c::cpu::head_fold_cache);
 }
 
 TORCH_LIBRARY_IMPL(c2c_native, CPU, m) {

@@ -5,7 +5,7 @@
 # The instrumented extension is built into build/asan_cpu (torch.utils.cpp_extension, a few
 # minutes the first time) and stands in for c2c_kernels._C in the test process; the in-place
 # extension is left alone. Needs gcc's libasan; skipped without it.
-# Usage: bash scripts/asan_cpu.sh [pytest arguments; default: tests/test_cpu_safety.py and the
+# Usage: bash scripts/asan_cpu.sh [pytest arguments; default: tests/test_cpu_safety.py, the head-fold tests and the
 # cpu and reference cases of tests/test_safety.py]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +31,7 @@ sys.modules["c2c_kernels._C"] = module
 
 import pytest  # noqa: E402
 
-args = sys.argv[1:] or ["tests/test_cpu_safety.py", "tests/test_safety.py", "-k", "not triton and not emulator"]
+args = sys.argv[1:] or ["tests/test_cpu_safety.py", "tests/test_safety.py", "tests/test_cpu_head_fold.py", "-k", "not triton and not emulator"]
 sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", *args]))
 EOF
 if [[ $status -ne 0 ]]; then

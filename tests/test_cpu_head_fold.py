@@ -133,3 +133,28 @@ def test_inference_tensors_are_never_cached(tokens):
     torch.testing.assert_close(got_a, want_a, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(got_p, want_p, atol=2e-4, rtol=2e-4)
     assert cpu().head_fold_cache()["entries"] == 0
+
+
+def test_a_first_call_under_inference_mode_leaves_nothing_inference_behind():
+    """Serving code often runs under torch.inference_mode with weights loaded outside it. The
+    fold cache and the per-thread workspaces made by such a call are written in place by later
+    calls outside it (the folds of other fusers, the NaN poisoning of the debug mode): they must
+    be normal tensors, or those calls fail."""
+    case = make_case(dtype=torch.bfloat16, seed=58, hidden=40, intermediate=24, seq_lens=(12, 9))
+    want_p, want_a = _reference_project(case)
+    first = case.fusers[:1]
+    with torch.inference_mode():
+        torch.ops.c2c.project(case.receiver_caches[:1], case.sharer_caches[:1], case.receiver_slots,
+                              case.sharer_slots, list(case.weights), first, "cpu", False)
+    assert cpu().head_fold_cache() == {"entries": 1, "bytes": len(case.fusers) * 4 * 40 * 4, "fusers": 1}
+    got_p, got_a = _project(case)  # the other fusers' folds land in the entry made above
+    assert cpu().head_fold_cache()["fusers"] == len(case.fusers)
+    torch.testing.assert_close(got_a, want_a, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got_p, want_p, atol=5e-2, rtol=5e-2)
+    # a longer call grows the workspaces made under inference mode; this one reuses them
+    long_case = make_case(dtype=torch.bfloat16, seed=59, hidden=40, intermediate=24, seq_lens=(30, 20))
+    with torch.inference_mode():
+        _project(long_case)
+    expected = reference_fused(case)
+    torch.ops.c2c.fuse(*case.args(), "cpu", False)
+    assert_storage_close(case, expected, TOLERANCES[torch.bfloat16])

@@ -56,6 +56,17 @@ def packed_cache(clear: bool = False) -> dict[str, int]:
     return out
 
 
+def head_fold_cache(clear: bool = False) -> dict[str, int]:
+    """The cached folds ``V = W_head W2h`` of the weight branch (docs/cpu.md, "Head fold"):
+    ``entries`` (pairs of weight stacks), ``bytes`` held and ``fusers`` folded so far.
+    ``clear`` empties it. ``C2C_CPU_HEAD_FOLD=0`` runs the W2h GEMM instead (read per call)."""
+    out = {}
+    for item in torch.ops.c2c_native.cpu_head_fold_cache(clear).split():
+        key, value = item.split("=")
+        out[key] = int(value)
+    return out
+
+
 def stage_times(enable: bool = True) -> dict[str, float]:
     """Seconds spent per stage by the fuse/project calls since the last call (summed over the
     entries of a call, which may run one per thread at once), plus ``calls``;

@@ -10,6 +10,7 @@
 #include "cpu/common.h"
 #include "cpu/fuser.h"
 #include "cpu/gemm.h"
+#include "cpu/head_fold.h"
 #include "cpu/profile.h"
 #include "cpu/vec.h"
 
@@ -211,6 +212,8 @@ std::string engine_choices(bool clear) { return engine_log(clear); }
 
 std::string packed_cache(bool clear) { return packed_cache_info(clear); }
 
+std::string head_fold_cache(bool clear) { return head_fold_info(clear); }
+
 std::string config(c10::ScalarType dtype) {
   dt_of(dtype);
   const int forced = forced_engine(dtype);
@@ -231,6 +234,7 @@ std::string config(c10::ScalarType dtype) {
            engine_name(prior_engine(dtype)) + ")";
   }
   return "gemm=" + gemm + " vec=" + vec().name + " threads=" + std::to_string(at::get_num_threads()) +
+         " head_fold=" + (head_fold_enabled() ? "on" : "off") +
          (poisoning() ? " workspaces=poisoned" : "");
 }
 

@@ -35,6 +35,8 @@ std::string choose_engine_name(c10::ScalarType dtype, int64_t tokens, int64_t hi
 std::string engine_choices(bool clear);
 // The packed engine's weight cache: "entries=N bytes=B"; `clear` empties it.
 std::string packed_cache(bool clear);
+// The head-fold cache (head_fold.h): "entries=N bytes=B fusers=F".
+std::string head_fold_cache(bool clear);
 
 // Per-stage seconds of the fuse/project calls since the last call ("calls=N gather=... "),
 // reset on every call; `enable` turns collection on or off from now on (off at start).

@@ -6,7 +6,9 @@
 //   input_gemm         u = s W_in_s^T + x W_in_r^T (+ b_in)      -> row pass: bias, RMS, norm
 //   ffn_1              h = gelu(n W1^T) (GELU while each column block is hot), u += h W2^T
 //                                                                -> row pass: RMS, both norms
-//   weight_branch      w = u + gelu(n_h Wh1^T) Wh2^T; scale = G sigmoid(w W_head^T + b_head)
+//   weight_branch      g = gelu(n_h Wh1^T); scale = G sigmoid(u W_head^T + g V^T + b_head), with
+//                      V = W_head Wh2 folded once per checkpoint (head_fold.h), so the
+//                      [M, H] x [H, H] Wh2 GEMM is not run (unfolded: w = u + g Wh2^T first)
 //   projection_blocks  u += gelu(n W1^T) W2^T                    -> row pass: RMS, next norm
 //   output             y = u W_out^T + b_out; x += scale * y per head, written to the cache
 //
@@ -18,12 +20,14 @@
 #include "cpu/fuser.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <utility>
 
+#include "cpu/head_fold.h"
 #include "cpu/profile.h"
 #include "fuser_weights.h"
 
@@ -112,6 +116,9 @@ at::Tensor& buffer(std::vector<at::Tensor>& ws, size_t i, int64_t rows, int64_t 
   if (ws.size() <= i) ws.resize(i + 1);
   at::Tensor& b = ws[i];
   if (!b.defined() || b.scalar_type() != dtype || b.numel() < rows * cols) {
+    // A normal tensor even when the call runs under torch.inference_mode: the workspace
+    // outlives the call, and a later call outside it poisons it in place (fill_).
+    const c10::InferenceMode normal(false);
     b = at::empty({rows * cols}, at::TensorOptions().dtype(dtype));
   }
   if (poisoning()) b.fill_(std::numeric_limits<float>::quiet_NaN());
@@ -149,7 +156,7 @@ class FuserRun {
       : w_(w), f_(f), engine_(engine), tokens_(tokens), M(tokens.size()), H(w.hidden), I(w.intermediate),
         B(w.blocks), Ks(w.sharer_width), Kt(w.receiver_width), Ht(w.receiver_heads), Dh(Kt / Ht),
         cdt(dt_of(w.dtype)), ad(a_dtype(engine, cdt)), cd(c_dtype(engine, cdt)), f32(ad == Dt::F32),
-        acc(cd == Dt::F32), sp(w, f), gate(w.gate_open(f) ? 1.f : 0.f) {
+        acc(cd == Dt::F32), sp(w, f), fold(head_fold(w, f, sp.w_head, M)), gate(w.gate_open(f) ? 1.f : 0.f) {
     const c10::ScalarType ast = f32 ? at::kFloat : w.dtype;  // dtype of GEMM inputs
     const c10::ScalarType cst = acc ? at::kFloat : w.dtype;  // dtype of GEMM outputs
     // Buffers (reused across fusers of a call).
@@ -226,12 +233,40 @@ class FuserRun {
     });
   }
 
-  // Weight branch: w = u + FFN_w; a = w W_head^T + b_head; scale = G sigmoid(a).
+  // Weight branch: w = u + FFN_w; a = w W_head^T + b_head; scale = G sigmoid(a). Folded:
+  // a = u W_head^T + g V^T + b_head with g the GELU'd hidden row (as the Wh2 GEMM would read it).
   void weight_branch() {
     const VecOps& v = vec();
     {
       const prof::Scope scope(prof::GemmUp);
       up_gemm(na, mat(kHeadW1, H), H, hid_head, hid_head32);
+    }
+    if (fold.defined()) {
+      // Blocks of kRowGrain tokens: u and g rows (g widened to fp32 once: the F32 engine's
+      // hidden rows and Brgemm's fp32 GELU outputs are used as they are) against W_head and V.
+      const prof::Scope scope(prof::HeadLogits);
+      const float* vf = fold.data_ptr<float>();
+      const bool g32 = hid_head.dt == Dt::F32 || acc;
+      const Mat g = hid_head.dt == Dt::F32 ? hid_head : acc ? hid_head32 : hid_head;
+      parallel_tasks((M + kRowGrain - 1) / kRowGrain, [&](int64_t task) {
+        const int64_t m0 = task * kRowGrain, rows = std::min(kRowGrain, M - m0);
+        float* lu = scratch(0, rows * Ht);
+        float* lg = scratch(1, rows * Ht);
+        float* gr = static_cast<float*>(offset(g, m0, 0).p);
+        if (!g32) {
+          gr = scratch(2, rows * H);
+          for (int64_t r = 0; r < rows; ++r) v.load(offset(hid_head, m0 + r, 0).p, ad, gr + r * H, H);
+        }
+        v.row_dots(u + m0 * H, H, rows, sp.w_head, Ht, H, lu);
+        v.row_dots(gr, H, rows, vf, Ht, H, lg);
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t h = 0; h < Ht; ++h) {
+            const float a = lu[r * Ht + h] + lg[r * Ht + h] + sp.b_head[h];
+            scale[(m0 + r) * Ht + h] = gate / (1.f + std::exp(-a));
+          }
+        }
+      });
+      return;
     }
     {
       const prof::Scope scope(prof::GemmDown);
@@ -369,6 +404,7 @@ class FuserRun {
   const bool f32;   // GEMM inputs fp32 (Engine::F32)
   const bool acc;   // GEMM outputs fp32, accumulated into u (Engine::F32, Engine::Brgemm)
   const SmallParams sp;
+  const at::Tensor fold;  // V = W_head Wh2, fp32 [Ht, H]; undefined: run the Wh2 GEMM
   const float gate;
   Mat gs{}, gx{}, U{}, na{}, nb{}, hid_ffn{}, hid_head{}, hid_ffn32{}, hid_head32{}, O{}, Y{};
   float* u = nullptr;      // the fp32 residual stream [M, H]

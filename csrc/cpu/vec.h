@@ -38,6 +38,10 @@ struct VecOps {
   float (*dot)(const float* a, const float* b, int64_t n);
   // y[i] += a * x[i].
   void (*axpy)(float a, const float* x, float* y, int64_t n);
+  // out[r * nw + j] = sum_i x[r * ldx + i] * w[j * n + i] for rows r < rows, j < nw: a few rows
+  // against a few weight rows (the head logits), each weight row read once per block of rows.
+  // Every out element is summed in the same order as dot(), whatever the blocking.
+  void (*row_dots)(const float* x, int64_t ldx, int64_t rows, const float* w, int64_t nw, int64_t n, float* out);
 };
 
 const VecOps& vec_scalar();

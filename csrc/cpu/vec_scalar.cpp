@@ -85,10 +85,16 @@ void axpy(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+void row_dots(const float* x, int64_t ldx, int64_t rows, const float* w, int64_t nw, int64_t n, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < nw; ++j) out[r * nw + j] = dot(x + r * ldx, w + j * n, n);
+  }
+}
+
 }  // namespace
 
 const VecOps& vec_scalar() {
-  static const VecOps ops{"scalar", load, store, add_sum_sq, sum_sq, scale_mul, add, gelu, dot, axpy};
+  static const VecOps ops{"scalar", load, store, add_sum_sq, sum_sq, scale_mul, add, gelu, dot, axpy, row_dots};
   return ops;
 }
 
