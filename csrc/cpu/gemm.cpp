@@ -308,12 +308,32 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// Times one tokens x hidden x hidden GEMM on every candidate engine, in interleaved rounds (a
-// burst of load from other processes then hits all of them alike; the first round only warms
-// up), on fixed pseudo-random data (the global RNG is left alone), checks each result against
-// the fp32 engine's, and returns the fastest that agrees, the prior unless another is 1.25x
-// faster. Brgemm is a candidate only where ATen has its micro-kernel (cpublas::could_pack:
-// AMX); elsewhere its portable fallback is orders of magnitude slower and not worth timing.
+// GELU over columns [n0, n1) of C as the fuser's FFN-up epilogue does it (16-bit C widened,
+// GELU'd and rounded back).
+void gelu_columns(Mat c, int64_t m, int64_t n0, int64_t n1) {
+  const VecOps& v = vec();
+  for (int64_t r = 0; r < m; ++r) {
+    void* p = offset(c, r, n0).p;
+    if (c.dt == Dt::F32) {
+      v.gelu(static_cast<float*>(p), n1 - n0);
+    } else {
+      float* s = scratch(0, n1 - n0);
+      v.load(p, c.dt, s, n1 - n0);
+      v.gelu(s, n1 - n0);
+      v.store(s, p, c.dt, n1 - n0);
+    }
+  }
+}
+
+// Times, on every candidate engine, what a fuser's FFN block asks of it: one tokens x hidden x
+// hidden GEMM plus one with the FFN-up's exact GELU (as its own epilogue or, for the packed
+// engine, oneDNN's post-op), in interleaved rounds (a burst of load from other processes then
+// hits all of them alike; the first round only warms up), on fixed pseudo-random data (the
+// global RNG is left alone); checks each plain result against the fp32 engine's, and returns
+// the fastest that agrees. The prior stays unless another engine is 1.1x faster (best round)
+// and also faster in at least three of the four timed rounds. Brgemm is a candidate only where
+// ATen has its micro-kernel (cpublas::could_pack: AMX); elsewhere its portable fallback is
+// orders of magnitude slower and not worth timing.
 Engine measure(c10::ScalarType dtype, int64_t tokens, int64_t hidden, std::string& line) {
   const Dt dt = dt_of(dtype);
   const int64_t m = std::max<int64_t>(1, std::min<int64_t>(tokens, 256)), k = hidden, n = hidden;
@@ -329,35 +349,42 @@ Engine measure(c10::ScalarType dtype, int64_t tokens, int64_t hidden, std::strin
   bool candidate[kEngines] = {true, true, at::native::cpublas::could_pack(dtype), packed_available(dtype)};
   // The packed engine is timed on a weight packed once beforehand, as its cache serves calls.
   const at::Tensor pw = candidate[static_cast<int>(Engine::Packed)] ? pack_weight(m, n, k, w) : at::Tensor();
-  at::Tensor out[kEngines];
-  double times[kEngines];
+  constexpr int kRounds = 5;  // the first only warms up
+  at::Tensor out[kEngines], out_gelu[kEngines];
+  double times[kEngines], round_times[kEngines][kRounds];
   bool ok[kEngines];
   for (int e = 0; e < kEngines; ++e) {
     times[e] = std::numeric_limits<double>::infinity();
     ok[e] = false;
-    if (candidate[e]) out[e] = at::empty({m, n}, at::TensorOptions().dtype(scalar_type(c_dtype(static_cast<Engine>(e), dt))));
+    const auto opts = at::TensorOptions().dtype(scalar_type(c_dtype(static_cast<Engine>(e), dt)));
+    if (candidate[e]) out[e] = at::empty({m, n}, opts), out_gelu[e] = at::empty({m, n}, opts);
   }
-  for (int round = 0; round < 5; ++round) {
+  for (int round = 0; round < kRounds; ++round) {
     for (int e = 0; e < kEngines; ++e) {
       if (!candidate[e]) continue;
       const Engine engine = static_cast<Engine>(e);
       const Dt ad = a_dtype(engine, dt), cd = c_dtype(engine, dt);
-      const Mat a{ad == Dt::F32 ? a32.data_ptr() : a16.data_ptr(), ad, k}, cm{out[e].data_ptr(), cd, n};
+      const Mat a{ad == Dt::F32 ? a32.data_ptr() : a16.data_ptr(), ad, k}, cm{out[e].data_ptr(), cd, n},
+          cg{out_gelu[e].data_ptr(), cd, n};
       const auto t0 = std::chrono::steady_clock::now();
       if (engine == Engine::Packed) {
         packed_run(m, n, k, a, pw, cm, false, false);
+        packed_run(m, n, k, a, pw, cg, false, true);
       } else {
         gemm(engine, m, n, k, a, w, cm, false);
+        gemm(engine, m, n, k, a, w, cg, false, [&](int64_t n0, int64_t n1) { gelu_columns(cg, m, n0, n1); });
       }
       const double t = seconds_since(t0);
+      round_times[e][round] = t;
       if (round > 0) times[e] = std::min(times[e], t);
     }
   }
-  const at::Tensor ref = out[0].to(at::kFloat);
+  const at::Tensor ref = out[0].to(at::kFloat), ref_gelu = out_gelu[0].to(at::kFloat);
   const double scale = ref.abs().max().item<double>();
   for (int e = 0; e < kEngines; ++e) {
     if (!candidate[e]) continue;
-    const double err = (out[e].to(at::kFloat) - ref).abs().max().item<double>();
+    const double err = std::max((out[e].to(at::kFloat) - ref).abs().max().item<double>(),
+                                (out_gelu[e].to(at::kFloat) - ref_gelu).abs().max().item<double>());
     ok[e] = std::isfinite(err) && err <= 2e-2 * scale + 1e-3;
   }
   int best = -1;
@@ -366,15 +393,18 @@ Engine measure(c10::ScalarType dtype, int64_t tokens, int64_t hidden, std::strin
   }
   const Engine prior = prior_engine(dtype);
   const int p = static_cast<int>(prior);
-  // The prior stays unless another engine is 1.25x faster (the engines differ by large factors
-  // where it matters; a smaller margin lets a burst of load on a shared machine flip the
-  // choice); one that disagrees is never taken (the fp32 engine is the reference, so best >= 0
-  // unless it produced NaN).
-  Engine pick = ok[p] && (best < 0 || times[best] >= 0.8 * times[p]) ? prior
-                : best >= 0                                           ? static_cast<Engine>(best)
-                                                                      : Engine::F32;
+  // The prior stays unless another engine is 1.1x faster in its best round and faster in at
+  // least three of the four timed rounds (a burst of load on a shared machine can make one
+  // round of the prior slow, hardly three); one that disagrees is never taken (the fp32 engine
+  // is the reference, so best >= 0 unless it produced NaN).
+  int rounds_won = 0;
+  if (best >= 0 && best != p) {
+    for (int round = 1; round < kRounds; ++round) rounds_won += round_times[best][round] < round_times[p][round];
+  }
+  const bool replace = best >= 0 && best != p && times[best] * 1.1 <= times[p] && rounds_won >= 3;
+  Engine pick = ok[p] && !replace ? prior : best >= 0 ? static_cast<Engine>(best) : Engine::F32;
   char buf[128];
-  std::snprintf(buf, sizeof(buf), "%s %s hidden=%lld: %s (GEMM %lldx%lldx%lld,", c10::toString(dtype),
+  std::snprintf(buf, sizeof(buf), "%s %s hidden=%lld: %s (GEMM + GELU GEMM %lldx%lldx%lld,", c10::toString(dtype),
                 kClassNames[token_class(tokens)], static_cast<long long>(hidden), engine_name(pick),
                 static_cast<long long>(m), static_cast<long long>(n), static_cast<long long>(k));
   line = buf;
@@ -411,7 +441,10 @@ Engine prior_engine(c10::ScalarType dtype) {
   if (dtype == at::kFloat) return Engine::F32;
   static const bool bf16 = cap("amx_bf16") || cap("avx512_bf16");
   static const bool fp16 = cap("amx_fp16") || cap("avx512_fp16");
-  return (dtype == at::kBFloat16 ? bf16 : fp16) ? Engine::Native16 : Engine::F32;
+  if (!(dtype == at::kBFloat16 ? bf16 : fp16)) return Engine::F32;
+  // The packed engine runs the same oneDNN kernels as native16 without re-reading the weights'
+  // plain layout on every call, with GELU fused: where it can run, it is the better guess.
+  return packed_available(dtype) ? Engine::Packed : Engine::Native16;
 }
 
 int forced_engine(c10::ScalarType dtype) {

@@ -44,9 +44,11 @@ const char* engine_name(Engine engine);
 // =native, =brgemm or =packed forces one (=packed runs native16 where unavailable) (read on every call); otherwise the first call of each
 // (dtype, token class, hidden) times one hidden x hidden GEMM on every engine, checks each
 // result against the fp32 one, and keeps the fastest, cached for the process. The CPU's flags
-// give the prior (prior_engine), which another engine must beat by 1.25x to be chosen.
+// give the prior (prior_engine), which another engine must beat by 1.1x (and in three of four
+// timed rounds) to be chosen; the timed work is one plain GEMM plus one with the FFN-up's GELU.
 Engine choose_engine(c10::ScalarType dtype, int64_t tokens, int64_t hidden);
-// The engine the CPU flags suggest: Native16 where AMX or AVX512 has the dtype, else F32.
+// The engine the CPU flags suggest: where AMX or AVX512 has the dtype, Packed if it can run
+// the dtype here (packed_available), else Native16; F32 otherwise.
 Engine prior_engine(c10::ScalarType dtype);
 // The engine C2C_CPU_GEMM forces for 16-bit `dtype`, or -1.
 int forced_engine(c10::ScalarType dtype);
