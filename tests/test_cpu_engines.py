@@ -148,6 +148,7 @@ def test_packed_sees_weights_written_in_place(monkeypatch, dtype):
     if not _packed_available(dtype):
         pytest.skip(f"no packed engine for {dtype} here")
     monkeypatch.setenv("C2C_CPU_GEMM", "packed")
+    monkeypatch.setenv("C2C_CPU_PACK_AFTER", "1")  # pack at the first call
     cpu().packed_cache(clear=True)
     case = make_case(layout="flashinfer_hnd", dtype=dtype, seed=33, hidden=48, intermediate=40, seq_lens=(7, 5))
     got_p, got_a = _project(case)
@@ -172,6 +173,32 @@ def test_packed_sees_weights_written_in_place(monkeypatch, dtype):
     assert cpu().packed_cache()["entries"] == entries
     cpu().packed_cache(clear=True)
     assert cpu().packed_cache() == {"entries": 0, "bytes": 0}
+
+
+@needs_packed
+@pytest.mark.parametrize("after", [2, 3])
+def test_packed_packs_a_weight_at_its_second_call(monkeypatch, after):
+    """Packing costs about 20 GEMMs of 64 tokens per matrix: a weight is packed at its
+    C2C_CPU_PACK_AFTER-th call (default 2), the calls before run native16 on the plain weight
+    (GELU as a pass), so one-shot use never pays for packing. Every call is right."""
+    monkeypatch.setenv("C2C_CPU_GEMM", "packed")
+    if after != 2:
+        monkeypatch.setenv("C2C_CPU_PACK_AFTER", str(after))
+    else:
+        monkeypatch.delenv("C2C_CPU_PACK_AFTER", raising=False)
+    cpu().packed_cache(clear=True)
+    case = make_case(layout="vllm_hnd", dtype=torch.bfloat16, seed=35, hidden=48, intermediate=40, seq_lens=(9, 4))
+    want_p, want_a = _reference_project(case)
+    for call in range(1, after + 2):
+        got_p, got_a = _project(case)
+        torch.testing.assert_close(got_p, want_p, atol=5e-2, rtol=5e-2)
+        torch.testing.assert_close(got_a, want_a, atol=5e-2, rtol=5e-2)
+        entries = cpu().packed_cache()["entries"]
+        if call < after:
+            assert entries == 0, (call, entries)
+        else:
+            assert entries > 0, (call, entries)
+    cpu().packed_cache(clear=True)
 
 
 @needs_packed

@@ -203,6 +203,8 @@ struct PackedCache {
   std::map<PackedKey, PackedEntry> map;
   std::list<PackedKey> lru;  // most recently used first
   int64_t bytes = 0;
+  // Calls so far of weights not packed yet (see packed_weight); holds nothing alive.
+  std::map<PackedKey, int64_t> seen;
 
   void erase(std::map<PackedKey, PackedEntry>::iterator it) {
     bytes -= it->second.bytes;
@@ -225,6 +227,13 @@ int64_t packed_cap() {
 
 int token_class(int64_t tokens);
 
+// Packing a 1024 x 1024 bf16 matrix takes about as long as 20 GEMMs of 64 tokens with it
+// (oneDNN's reorder, about 8 ms on 2 AVX-512 cores): a checkpoint of 48 fusers costs seconds.
+// A process that fuses one prompt would pay that for nothing, so a weight is packed at its
+// C2C_CPU_PACK_AFTER-th call (default 2, read per call; 1 packs at the first); until then
+// the call runs native16 on the plain weight (packed_weight returns an undefined tensor).
+int64_t pack_after() { return std::max<int64_t>(1, env_int("C2C_CPU_PACK_AFTER", 2)); }
+
 at::Tensor packed_weight(int64_t m, int64_t n, int64_t k, Mat w) {
   const at::Tensor* src = w.src;
   if (src == nullptr || !src->defined() || src->is_inference() || !src->has_storage()) return pack_weight(m, n, k, w);
@@ -242,6 +251,12 @@ at::Tensor packed_weight(int64_t m, int64_t n, int64_t k, Mat w) {
       }
       pc.erase(it);
     }
+    const int64_t calls = ++pc.seen[key];
+    if (calls < pack_after()) {
+      if (pc.seen.size() > 65536) pc.seen.clear();  // keys of freed weights: bounded, not leaked
+      return {};
+    }
+    pc.seen.erase(key);
   }
   at::Tensor packed = pack_weight(m, n, k, w);
   std::lock_guard<std::mutex> lock(pc.mu);
@@ -495,7 +510,9 @@ void gemm(Engine engine, int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c, b
               engine_name(engine), " GEMM needs dense operands (A ld ", a.ld, " for K ", k, ", C ld ", c.ld, " for N ", n, ")");
   if (engine == Engine::Packed) {
     TORCH_CHECK(a.dt == w.dt && c.dt == w.dt && a.dt != Dt::F32, "c2c cpu: the packed engine takes 16-bit A, W and C");
-    packed_run(m, n, k, a, packed_weight(m, n, k, w), c, accumulate, false);
+    const at::Tensor pw = packed_weight(m, n, k, w);
+    if (!pw.defined()) return gemm(Engine::Native16, m, n, k, a, w, c, accumulate, epilogue);  // not packed yet
+    packed_run(m, n, k, a, pw, c, accumulate, false);
     if (epilogue) {
       const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + kAlign - 1) / kAlign));
       const int64_t per = ((n + parts - 1) / parts + kAlign - 1) / kAlign * kAlign;
@@ -570,7 +587,12 @@ void gemm_packed_gelu(int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c) {
   if (m == 0 || n == 0) return;
   TORCH_CHECK(a.ld == k && c.ld == n && a.dt == w.dt && c.dt == w.dt && a.dt != Dt::F32,
               "c2c cpu: the packed engine takes dense 16-bit A and C");
-  packed_run(m, n, k, a, packed_weight(m, n, k, w), c, false, true);
+  const at::Tensor pw = packed_weight(m, n, k, w);
+  if (!pw.defined()) {  // not packed yet: native16 and the GELU pass
+    gemm(Engine::Native16, m, n, k, a, w, c, false, [&](int64_t n0, int64_t n1) { gelu_columns(c, m, n0, n1); });
+    return;
+  }
+  packed_run(m, n, k, a, pw, c, false, true);
 }
 
 bool packed_available(c10::ScalarType dtype) {
@@ -600,6 +622,7 @@ std::string packed_cache_info(bool clear) {
   if (clear) {
     pc.map.clear();
     pc.lru.clear();
+    pc.seen.clear();
     pc.bytes = 0;
   }
   return out;
