@@ -23,9 +23,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(tokens per chunk, chunks, workspace bytes) of a fuse / project call of these shapes",
         pybind11::arg("entries"), pybind11::arg("tokens"), pybind11::arg("sharer_width"),
         pybind11::arg("receiver_width"), pybind11::arg("hidden"), pybind11::arg("inner"), pybind11::arg("heads"),
-        pybind11::arg("element_size"), pybind11::arg("device_memory"));
+        pybind11::arg("element_size"), pybind11::arg("device_memory"), pybind11::arg("head_fold") = true);
   m.def("input_weight_cache_entries", &c2c::cuda::input_weight_cache_entries,
         "weight stacks whose concatenated W_in is kept (live ones only)");
+  m.def("head_fold_cache_entries", &c2c::cuda::head_fold_cache_entries,
+        "weight stack pairs whose head fold [W_head, W_head W2h] is kept (live ones only)");
   m.def("poisoning", &c2c::cuda::poison_workspaces, "whether C2C_POISON_WORKSPACES=1 was set (read once)");
   m.def("selftest", &c2c::cuda::emulator::selftest, "run one of the emulator's own test kernels");
 }

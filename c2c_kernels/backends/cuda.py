@@ -1,7 +1,9 @@
 """The CUDA C++ backend (``csrc/cuda``): gather, bias/RMSNorm/GELU epilogues and the gated
 merge as hand-written kernels around strided-batched cuBLAS GEMMs (through ATen), every stage
 batched over all fusers of a call: one input GEMM over the gathered ``[S; X]`` rows, a residual
-stream in the cache dtype that each FFN's second GEMM adds into, token chunks sized from the
+stream in the cache dtype that each FFN's second GEMM adds into, the weight branch's second GEMM
+folded into the head weights (``V = W_head W2h``, fp32, cached per weight stack pair;
+``C2C_CUDA_HEAD_FOLD=0``, read per call, runs it unfolded), token chunks sized from the
 device's memory (``docs/cuda.md``: bytes and launches per stage). Current-stream, no host
 synchronisation (the hard gate is read on the device), CUDA-graph capturable. Needs
 ``c2c_kernels._C`` built with CUDA.

@@ -85,11 +85,19 @@ def selftest(name: str, blocks: int = 1, threads: int = 32) -> list[float]:
 
 
 def chunk_plan(entries: int, tokens: int, sharer_width: int, receiver_width: int, hidden: int, inner: int,
-               heads: int, element_size: int, device_memory: int) -> tuple[int, int, int]:
+               heads: int, element_size: int, device_memory: int, head_fold: bool = True) -> tuple[int, int, int]:
     """(tokens per chunk, chunks, workspace bytes) of a fuse / project call of these shapes on a
-    device of ``device_memory`` bytes: the CUDA host code's own sizing (csrc/cuda/fuse.cu)."""
+    device of ``device_memory`` bytes: the CUDA host code's own sizing (csrc/cuda/fuse.cu).
+    ``head_fold=False``: a call whose weight branch runs unfolded (it needs the ``w`` buffer)."""
     return tuple(_build().chunk_plan(entries, tokens, sharer_width, receiver_width, hidden, inner, heads,
-                                     element_size, device_memory))
+                                     element_size, device_memory, head_fold))
+
+
+def head_fold_cache_entries() -> int:
+    """Pairs of weight stacks (``w_head``, ``head_w2``) whose head fold ``[W_head, W_head W2h]``
+    (fp32) the CUDA host code keeps (live ones only); ``C2C_CUDA_HEAD_FOLD=0`` runs the weight
+    branch unfolded (read per call)."""
+    return _build().head_fold_cache_entries()
 
 
 def merge(receiver_caches, receiver_slots, projections, head_scales):

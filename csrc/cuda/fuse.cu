@@ -4,9 +4,12 @@
 // over all entries of the call:
 //   gather sharer and receiver rows side by side -> [R, n, Ks + Kt]       (gather_norm.cu)
 //   u = [S; X] W_in^T (one GEMM), u += b_in, norm_a = RMSNorm_0(u)        (batched_linear.cu + row epilogue)
-//   FFN_1; then the weight branch (FFN_w, W_head, gate, sigmoid) and the projection branch
-//   (n - 2 FFN blocks, W_out), each FFN = GEMM, GELU, GEMM adding into the residual stream
-//   (beta = 1), and a row epilogue only where a norm follows
+//   FFN_1; then the weight branch and the projection branch (n - 2 FFN blocks, W_out), each
+//   FFN = GEMM, GELU, GEMM adding into the residual stream (beta = 1), and a row epilogue only
+//   where a norm follows. The weight branch's second GEMM is folded into the head weights
+//   (V = W_head W2h, "head fold" below): W1h GEMM, GELU, then one warp-per-row kernel for the
+//   logits from [u; g] against [W_head; V], bias, gate and sigmoid; weights it cannot fold run
+//   it unfolded (W1h, GELU, W2h into w = u, W_head, the bias/gate/sigmoid pass)
 //   merge into the cache (fuse) or write the fp32 projection (project)  (merge.cu)
 // The residual stream and every activation are stored in the cache dtype (fp32 inside each
 // kernel), as in the Triton backend. docs/cuda.md counts the bytes and launches per stage.
@@ -15,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 #include "cuda/batched_linear.h"
@@ -52,34 +56,37 @@ struct Sink {
 };
 
 // Dense activation buffers of one token chunk, [R, n, width] each, all in the cache dtype but
-// head_scale. `rows` holds the [S; X] input rows, then (the input consumed) the weight
-// branch's w, then the W_out output; `u` is the residual stream.
+// head_scale. `rows` holds the [S; X] input rows, then (the input consumed) the unfolded
+// weight branch's w, then the W_out output; `u` is the residual stream. With the head fold
+// there is no w and no 16-bit logits buffer: the head-logits kernel writes head_scale.
 struct Workspace {
   at::Tensor rows, u, norm_a, norm_b, inner, logits, head_scale;
 
-  static int64_t rows_width(const Call& c) {
-    return std::max(c.sharer_heads * c.sharer_head_dim + c.heads * c.head_dim, c.hidden);
+  static int64_t rows_width(const Call& c, bool folded) {
+    const int64_t input = c.sharer_heads * c.sharer_head_dim + c.heads * c.head_dim;
+    return folded ? input : std::max(input, c.hidden);
   }
 
-  static int64_t bytes_per_row(const Call& c, int64_t element) {
+  static int64_t bytes_per_row(const Call& c, int64_t element, bool folded) {
     return bytes_per_row(c.sharer_heads * c.sharer_head_dim, c.heads * c.head_dim, c.hidden, c.inner, c.heads,
-                         element);
+                         element, folded);
   }
 
   static int64_t bytes_per_row(int64_t sharer_width, int64_t receiver_width, int64_t hidden, int64_t inner,
-                               int64_t heads, int64_t element) {
-    return element * (std::max(sharer_width + receiver_width, hidden) + 3 * hidden + std::max(inner, hidden) + heads) +
-           4 * heads;
+                               int64_t heads, int64_t element, bool folded) {
+    const int64_t input = sharer_width + receiver_width;  // >= receiver_width: W_out's output fits
+    if (folded) return element * (input + 3 * hidden + std::max(inner, hidden)) + 4 * heads;
+    return element * (std::max(input, hidden) + 3 * hidden + std::max(inner, hidden) + heads) + 4 * heads;
   }
 
-  Workspace(const Call& c, int64_t tokens, const at::TensorOptions& options) {
+  Workspace(const Call& c, int64_t tokens, const at::TensorOptions& options, bool folded) {
     const int64_t r = c.entries;
-    rows = workspace_empty({r * tokens * rows_width(c)}, options);
+    rows = workspace_empty({r * tokens * rows_width(c, folded)}, options);
     u = workspace_empty({r * tokens * c.hidden}, options);
     norm_a = workspace_empty({r * tokens * c.hidden}, options);
     norm_b = workspace_empty({r * tokens * c.hidden}, options);
     inner = workspace_empty({r * tokens * std::max(c.inner, c.hidden)}, options);
-    logits = workspace_empty({r * tokens * c.heads}, options);
+    if (!folded) logits = workspace_empty({r * tokens * c.heads}, options);
     head_scale = workspace_empty({r * tokens * c.heads}, options.dtype(at::kFloat));
   }
 };
@@ -137,29 +144,70 @@ struct HalfKey {
   }
 };
 
-struct ConcatEntry {
-  HalfKey sharer, receiver;
-  at::Tensor weight;
+// A tensor derived from two weight stacks (W_in's concatenation, the head fold below), kept
+// while both are alive and unmodified.
+struct DerivedEntry {
+  HalfKey first, second;
+  at::Tensor value;
 };
 
-// At most this many weight stacks keep a concatenated W_in (the oldest is dropped first).
-constexpr size_t kConcatCacheEntries = 4;
+// At most this many pairs of weight stacks keep a derived tensor (the oldest is dropped first).
+constexpr size_t kDerivedCacheEntries = 4;
 
-// The cache, never destroyed: its tensors must not be freed after the allocator at exit.
-struct ConcatCache {
+// One cache per derived tensor, never destroyed: its tensors must not be freed after the
+// allocator at exit.
+struct DerivedCache {
   std::mutex mutex;
-  std::vector<ConcatEntry> entries;
+  std::vector<DerivedEntry> entries;
 
-  static ConcatCache& get() {
-    static ConcatCache* cache = new ConcatCache();
+  static DerivedCache& concatenated_input() {
+    static DerivedCache* cache = new DerivedCache();
+    return *cache;
+  }
+
+  static DerivedCache& head_fold() {
+    static DerivedCache* cache = new DerivedCache();
     return *cache;
   }
 
   // Drops the entries of freed weight stacks.
   void prune() {
     entries.erase(std::remove_if(entries.begin(), entries.end(),
-                                 [](const ConcatEntry& e) { return e.sharer.storage.expired() || e.receiver.storage.expired(); }),
+                                 [](const DerivedEntry& e) { return e.first.storage.expired() || e.second.storage.expired(); }),
                   entries.end());
+  }
+
+  // Live entries (freed ones dropped first).
+  int64_t size() {
+    const std::lock_guard<std::mutex> lock(mutex);
+    prune();
+    return static_cast<int64_t>(entries.size());
+  }
+
+  // The tensor derived from (a, b): the cached one, or make() kept for the next calls; undefined
+  // when it cannot be kept (inference tensors, or a new one needed while `stream` is captured).
+  template <typename Make>
+  at::Tensor get(const at::Tensor& a, const at::Tensor& b, cudaStream_t stream, Make make) {
+    if (!HalfKey::trackable(a) || !HalfKey::trackable(b)) return {};
+    const std::lock_guard<std::mutex> lock(mutex);
+    prune();
+    for (const DerivedEntry& e : entries) {
+      if (e.first.matches(a) && e.second.matches(b)) return e.value;
+    }
+    if (stream_capturing(stream)) return {};
+    // An outdated tensor of the same stacks goes (an update in place made it stale).
+    const auto same_stacks = [&](const DerivedEntry& e) {
+      return e.first.storage.lock().get() == a.storage().unsafeGetStorageImpl() ||
+             e.second.storage.lock().get() == b.storage().unsafeGetStorageImpl();
+    };
+    entries.erase(std::remove_if(entries.begin(), entries.end(), same_stacks), entries.end());
+    if (entries.size() >= kDerivedCacheEntries) entries.erase(entries.begin());
+    // Made on the current stream, as the rest of the call; no autograd history (it would hold
+    // the stacks alive).
+    const at::NoGradGuard no_grad;
+    at::Tensor value = make();
+    entries.push_back(DerivedEntry{HalfKey(a), HalfKey(b), value});
+    return value;
   }
 };
 
@@ -174,27 +222,39 @@ at::Tensor concatenated_input_weight(const Call& c, cudaStream_t stream) {
                           static_cast<const char*>(wr.data_ptr()) ==
                               static_cast<const char*>(ws.data_ptr()) + ks * ws.element_size();
   if (one_tensor) return ws.as_strided({ws.size(0), ws.size(1), ks + kt}, ws.strides(), ws.storage_offset());
-  if (!HalfKey::trackable(ws) || !HalfKey::trackable(wr)) return {};
-  ConcatCache& cache = ConcatCache::get();
-  const std::lock_guard<std::mutex> lock(cache.mutex);
-  cache.prune();
-  for (const ConcatEntry& e : cache.entries) {
-    if (e.sharer.matches(ws) && e.receiver.matches(wr)) return e.weight;
-  }
-  if (stream_capturing(stream)) return {};
-  // An outdated copy of the same stacks goes (an update in place made it stale).
-  const auto same_stacks = [&](const ConcatEntry& e) {
-    return e.sharer.storage.lock().get() == ws.storage().unsafeGetStorageImpl() ||
-           e.receiver.storage.lock().get() == wr.storage().unsafeGetStorageImpl();
-  };
-  cache.entries.erase(std::remove_if(cache.entries.begin(), cache.entries.end(), same_stacks), cache.entries.end());
-  if (cache.entries.size() >= kConcatCacheEntries) cache.entries.erase(cache.entries.begin());
-  // Made on the current stream, as the rest of the call; no autograd history (it would hold
-  // the halves alive).
-  const at::NoGradGuard no_grad;
-  at::Tensor weight = at::cat({ws, wr}, 2);
-  cache.entries.push_back(ConcatEntry{HalfKey(ws), HalfKey(wr), weight});
-  return weight;
+  return DerivedCache::concatenated_input().get(ws, wr, stream, [&] { return at::cat({ws, wr}, 2); });
+}
+
+// ---- head fold: the weight branch's W2h GEMM folded into the head weights -------------------
+//
+// The weight branch's w = u + W2h g (g = gelu(W1h head_norm(u))) is only used through the
+// head logits a = W_head w + b_head, so a = W_head u + V g + b_head with V = W_head W2h, an
+// [Ht, H] matrix per fuser: the [T, H] x [H, H] W2h GEMM (about 12% of the fuser's FLOPs), the
+// w = u copy and the W_head GEMM give way to one row kernel (launch_head_logits). The fold is
+// [W_head, V] as one fp32 [P, Ht, 2H] tensor (rows the kernel reads with 16-byte loads), V
+// accumulated in fp64 from the stored weights (no TF32, whatever torch's setting) and kept in
+// fp32: rounding it to 16 bits would cost accuracy, and it is small (64 KiB per fuser at
+// Ht = 8, H = 1024). Cached as W_in's concatenation is; weights it cannot be kept for run the
+// branch unfolded, and so does every call with C2C_CUDA_HEAD_FOLD=0 (read per call).
+
+bool head_fold_enabled() {
+  const char* value = std::getenv("C2C_CUDA_HEAD_FOLD");
+  return value == nullptr || std::strcmp(value, "0") != 0;
+}
+
+at::Tensor head_fold(const Call& c, cudaStream_t stream) {
+  if (!head_fold_enabled()) return {};
+  const at::Tensor& w_head = c.w[kWHead];  // [P, Ht, H]
+  const at::Tensor& w2 = c.w[kHeadW2];     // [P, H, H] (out, in)
+  return DerivedCache::head_fold().get(w_head, w2, stream, [&] {
+    const int64_t fusers = w_head.size(0), heads = w_head.size(1), hidden = w_head.size(2);
+    at::Tensor fold = at::empty({fusers, heads, 2 * hidden}, w_head.options().dtype(at::kFloat));
+    fold.narrow(2, 0, hidden).copy_(w_head);
+    for (int64_t f = 0; f < fusers; ++f) {  // one fuser at a time: an [H, H] fp64 temporary
+      fold[f].narrow(1, hidden, hidden).copy_(at::mm(w_head[f].to(at::kDouble), w2[f].to(at::kDouble)));
+    }
+    return fold;
+  });
 }
 
 // Checks that a launch's flat thread index (32-bit in the kernels) cannot overflow.
@@ -206,8 +266,8 @@ void check_index_range(int64_t work, const char* what) {
 template <typename T>
 class Pipeline {
  public:
-  Pipeline(const Call& c, const at::Tensor& input_weight, cudaStream_t stream)
-      : c_(c), input_weight_(input_weight), stream_(stream) {}
+  Pipeline(const Call& c, const at::Tensor& input_weight, const at::Tensor& fold, cudaStream_t stream)
+      : c_(c), input_weight_(input_weight), fold_(fold), stream_(stream) {}
 
   // One token chunk through the stages, named as the Triton stage files
   // (c2c_kernels/backends/triton) and the CPU backend's FuserRun (csrc/cpu/fuser.cpp).
@@ -234,10 +294,15 @@ class Pipeline {
     const int64_t h = c_.hidden;
     const int64_t k = c_.sharer_heads * c_.sharer_head_dim + c_.heads * c_.head_dim;
     const int64_t kt = c_.heads * c_.head_dim;
-    return Chunk{dense(ws.rows, c_.entries, n_, k),   dense(ws.rows, c_.entries, n_, h),
-                 dense(ws.rows, c_.entries, n_, kt),  dense(ws.u, c_.entries, n_, h),
-                 dense(ws.norm_a, c_.entries, n_, h), dense(ws.norm_b, c_.entries, n_, h),
-                 dense(ws.logits, c_.entries, n_, c_.heads)};
+    // w and the 16-bit logits exist only unfolded (the folded workspace has no room for w).
+    const bool folded = fold_.defined();
+    return Chunk{dense(ws.rows, c_.entries, n_, k),
+                 folded ? at::Tensor() : dense(ws.rows, c_.entries, n_, h),
+                 dense(ws.rows, c_.entries, n_, kt),
+                 dense(ws.u, c_.entries, n_, h),
+                 dense(ws.norm_a, c_.entries, n_, h),
+                 dense(ws.norm_b, c_.entries, n_, h),
+                 folded ? at::Tensor() : dense(ws.logits, c_.entries, n_, c_.heads)};
   }
 
   // u = [S; X] W_in^T, one GEMM (K = Ks + Kt) when W_in is one matrix, else two over the
@@ -260,20 +325,23 @@ class Pipeline {
   }
 
   // FFN_1 adds into u; then u feeds both branches: norm_a = head_norm(u), norm_b =
-  // ffn_norm_1(u), and w = u, the weight branch's own residual (the projection branch keeps u).
+  // ffn_norm_1(u), and, unfolded, w = u, the weight branch's own residual (the projection
+  // branch keeps u; the folded head logits read u itself).
   void ffn_1(const Chunk& x, const Workspace& ws) {
     ffn(x.norm_a, c_.w[kFfnW1].select(1, 0), c_.w[kFfnW2].select(1, 0), ws, x.u);
     RowEpilogueParams<T> split{};
     split.in = ptr<T>(x.u);
-    split.out = mutable_ptr<T>(x.w);
+    split.out = fold_.defined() ? nullptr : mutable_ptr<T>(x.w);
     set_norm(split, 0, x.norm_a, c_.w[kHeadNorm], -1);
     set_norm(split, 1, x.norm_b, c_.w[kFfnNorm], 1);
     row_epilogue(split);
   }
 
   // Weight branch: w = u + FFN_w(u), head_scale = G * sigmoid(W_head w + b_head): into the
-  // workspace (fuse) or project's output.
+  // workspace (fuse) or project's output. Folded: g = gelu(W1h norm_a), then the logits from
+  // [u; g] against [W_head, V] with bias, gate and sigmoid in one row kernel.
   void weight_branch(int64_t first, const Chunk& x, const Workspace& ws, const Sink& sink) {
+    if (fold_.defined()) return folded_weight_branch(first, x, ws, sink);
     ffn(x.norm_a, c_.w[kHeadW1], c_.w[kHeadW2], ws, x.w);
     batched_linear(x.logits, x.w, c_.w[kWHead], c_.runs, false);
     BiasEpilogueParams<T> scale{};
@@ -294,6 +362,44 @@ class Pipeline {
     bias_epilogue(scale, c_.heads);
   }
 
+  void folded_weight_branch(int64_t first, const Chunk& x, const Workspace& ws, const Sink& sink) {
+    const at::Tensor g = dense(ws.inner, c_.entries, n_, c_.hidden);
+    batched_linear(g, x.norm_a, c_.w[kHeadW1], c_.runs, false);
+    launch_gelu(mutable_ptr<T>(g), g.numel(), stream_);
+    C2C_KERNEL_LAUNCH_CHECK();
+    HeadLogitsParams<T> p{};
+    p.u = ptr<T>(x.u);
+    p.g = ptr<T>(g);
+    p.fold = ptr<float>(fold_);
+    p.bias = ptr<T>(c_.w[kBHead]);
+    p.bias_fuser_stride = c_.w[kBHead].stride(0);
+    p.gate = ptr<float>(c_.w[kGateLogit]);
+    p.gate_stride = c_.w[kGateLogit].stride(0);
+    if (sink.merge) {
+      p.out = mutable_ptr<float>(ws.head_scale);
+      p.out_entry_stride = n_ * c_.heads;
+    } else {
+      p.out = mutable_ptr<float>(sink.head_scale) + first * c_.heads;
+      p.out_entry_stride = c_.tokens * c_.heads;
+      p.skip = slot_list(c_.receiver_slots, first);
+      p.skip_rows = pool_rows(c_.receivers[0]);
+    }
+    p.out_row_stride = c_.heads;
+    p.tokens = static_cast<int32_t>(n_);
+    p.width = static_cast<int32_t>(c_.hidden);
+    p.heads = static_cast<int32_t>(c_.heads);
+    // The dense u and g rows are `hidden` wide: whole aligned vectors when hidden is a multiple
+    // of V (the fold's rows, 2 * hidden fp32 values, then too).
+    constexpr int64_t V = vector_width<T>();
+    const bool vectorized = c_.hidden % V == 0 && aligned16(p.u) && aligned16(p.g) && aligned16(p.fold);
+    for_each_entry_group(c_.entries, kMaxEntriesPerLaunch, [&](int64_t begin, int64_t count) {
+      p.entry_begin = static_cast<int32_t>(begin);
+      p.fusers = fuser_table(c_, begin, count);
+      launch_head_logits(p, static_cast<int>(count), vectorized, stream_);
+      C2C_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
   // Projection branch: p = u, then blocks 1 .. B-1 add into u; a block's norm for the next
   // one is the only row pass left (none after the last: u is W_out's input as it stands).
   void projection_blocks(const Chunk& x, const Workspace& ws) {
@@ -311,7 +417,7 @@ class Pipeline {
   // y = W_out p; merged into the cache (fuse) or written with b_out as fp32 (project).
   void output(int64_t first, const Chunk& x, const at::Tensor& head_scale, const Sink& sink) {
     const int64_t kt = c_.heads * c_.head_dim;
-    // The input rows and w are consumed: the projection reuses their buffer.
+    // The input rows and w (unfolded) are consumed: the projection reuses their buffer.
     const at::Tensor& projection = x.projection;
     batched_linear(projection, x.u, c_.w[kWOut], c_.runs, false);
     if (sink.merge) {
@@ -450,6 +556,7 @@ class Pipeline {
 
   const Call& c_;
   const at::Tensor input_weight_;  // W_in as [P, H, Ks + Kt], or undefined: two GEMMs
+  const at::Tensor fold_;          // [W_head, V] as fp32 [P, Ht, 2H], or undefined: unfolded
   cudaStream_t stream_;
   int64_t n_ = 0;
 };
@@ -467,14 +574,16 @@ int64_t chunk_tokens(int64_t tokens, int64_t bytes_per_token, int64_t device_mem
 void run(const Call& c, const Sink& sink) {
   if (c.entries == 0 || c.tokens == 0) return;
   const at::TensorOptions options = c.w[kWInSharer].options();
-  const int64_t chunk = chunk_tokens(c.tokens, c.entries * Workspace::bytes_per_row(c, c.w[kWInSharer].element_size()),
-                                     device_memory_bytes());
-  const Workspace ws(c, chunk, options);
   const cudaStream_t stream = current_stream();
   const at::Tensor input_weight = concatenated_input_weight(c, stream);
+  const at::Tensor fold = head_fold(c, stream);
+  const bool folded = fold.defined();
+  const int64_t chunk = chunk_tokens(
+      c.tokens, c.entries * Workspace::bytes_per_row(c, c.w[kWInSharer].element_size(), folded), device_memory_bytes());
+  const Workspace ws(c, chunk, options, folded);
   dispatch_cache_dtype(c.w[kWInSharer].scalar_type(), "weights", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    Pipeline<T> pipeline(c, input_weight, stream);
+    Pipeline<T> pipeline(c, input_weight, fold, stream);
     for (int64_t first = 0; first < c.tokens; first += chunk) {
       pipeline.run_chunk(first, std::min(chunk, c.tokens - first), ws, sink);
     }
@@ -483,19 +592,16 @@ void run(const Call& c, const Sink& sink) {
 
 }  // namespace
 
-int64_t input_weight_cache_entries() {
-  ConcatCache& cache = ConcatCache::get();
-  const std::lock_guard<std::mutex> lock(cache.mutex);
-  cache.prune();
-  return static_cast<int64_t>(cache.entries.size());
-}
+int64_t input_weight_cache_entries() { return DerivedCache::concatenated_input().size(); }
+
+int64_t head_fold_cache_entries() { return DerivedCache::head_fold().size(); }
 
 std::tuple<int64_t, int64_t, int64_t> chunk_plan(int64_t entries, int64_t tokens, int64_t sharer_width,
                                                  int64_t receiver_width, int64_t hidden, int64_t inner, int64_t heads,
-                                                 int64_t element_size, int64_t device_memory) {
+                                                 int64_t element_size, int64_t device_memory, bool folded) {
   TORCH_CHECK(entries > 0 && tokens > 0, "chunk_plan: entries and tokens must be positive");
   const int64_t per_token =
-      entries * Workspace::bytes_per_row(sharer_width, receiver_width, hidden, inner, heads, element_size);
+      entries * Workspace::bytes_per_row(sharer_width, receiver_width, hidden, inner, heads, element_size, folded);
   const int64_t chunk = chunk_tokens(tokens, per_token, device_memory);
   return {chunk, (tokens + chunk - 1) / chunk, chunk * per_token};
 }

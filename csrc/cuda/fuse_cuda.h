@@ -22,13 +22,17 @@ std::tuple<at::Tensor, at::Tensor> project(const std::vector<at::Tensor>& receiv
 
 // How run() splits `tokens` tokens of `entries` fusers of these widths: (tokens per chunk,
 // chunks, workspace bytes), for a device of `device_memory` bytes (0: unknown) and the
-// C2C_CUDA_WORKSPACE_BYTES override. For tests and docs/cuda.md; the call computes the same.
+// C2C_CUDA_WORKSPACE_BYTES override, with the weight branch folded (`head_fold`, the default
+// path) or not. For tests and docs/cuda.md; the call computes the same.
 std::tuple<int64_t, int64_t, int64_t> chunk_plan(int64_t entries, int64_t tokens, int64_t sharer_width,
                                                  int64_t receiver_width, int64_t hidden, int64_t inner, int64_t heads,
-                                                 int64_t element_size, int64_t device_memory);
+                                                 int64_t element_size, int64_t device_memory, bool head_fold);
 
 // Weight stacks whose concatenated W_in (the [S; X] GEMM's, fuse.cu) is kept, freed ones not counted.
 int64_t input_weight_cache_entries();
+
+// Pairs of weight stacks (W_head, W2h) whose head fold [W_head, V = W_head W2h] is kept (fuse.cu).
+int64_t head_fold_cache_entries();
 
 void merge(const std::vector<at::Tensor>& receiver_caches, const at::Tensor& receiver_slots,
            const std::vector<at::Tensor>& projections, const std::vector<at::Tensor>& head_scales);

@@ -6,7 +6,9 @@
 //    and the next GEMM's normalised input(s) without re-reading anything; one warp per row with
 //    16-byte accesses where the rows allow it, else one block per row;
 //  - GELU in place on the FFN's inner activations (exact erf form);
-//  - bias epilogue: bias (+ hard gate and sigmoid for the head logits) into fp32 outputs.
+//  - bias epilogue: bias (+ hard gate and sigmoid for the head logits) into fp32 outputs;
+//  - head logits with the weight branch's W2h folded in: u and g rows against [W_head, V],
+//    bias, gate and sigmoid, into the fp32 head scale (fuse.cu, "head fold").
 #include <algorithm>
 
 #include "cuda/common.cuh"
@@ -177,6 +179,123 @@ __global__ void __launch_bounds__(kRowWarps * 32) row_epilogue_warp_kernel(const
   }
 }
 
+// ---- head logits with the W2h GEMM folded in ----------------------------------------------
+
+// The fp32 head scale of head h of a row: bias, hard gate (read on the device), sigmoid; 0 for
+// a token project skips.
+template <typename T>
+__device__ __forceinline__ void store_head_scale(const HeadLogitsParams<T>& p, int64_t entry, int32_t token,
+                                                 int64_t fuser, int h, float logit, bool skipped) {
+  float* out = p.out + entry * p.out_entry_stride + token * p.out_row_stride + h;
+  if (skipped) {
+    *out = 0.f;
+    return;
+  }
+  float v = logit;
+  if (p.bias != nullptr) v += to_float(p.bias[fuser * p.bias_fuser_stride + h]);
+  if (p.gate != nullptr) v = p.gate[fuser * p.gate_stride] > 0.f ? 1.f / (1.f + expf(-v)) : 0.f;
+  *out = v;
+}
+
+// One 16-byte word of T values as fp32.
+template <typename T>
+__device__ __forceinline__ void unpack_word(const uint4& word, float (&out)[vector_width<T>()]) {
+  alignas(16) T elems[vector_width<T>()];
+  *reinterpret_cast<uint4*>(elems) = word;
+#pragma unroll
+  for (int k = 0; k < vector_width<T>(); ++k) out[k] = to_float(elems[k]);
+}
+
+// Rows of one warp of the head-logits kernel: each fold word a lane loads (from L1/L2) serves
+// this many rows, so the fold's L1 traffic per row (Ht x 2H x 4 B: 64 KiB at Ht = 8, H = 1024)
+// is divided by it; the lane keeps 2 kVectors words per row, 64 registers at the most.
+template <int kVectors>
+constexpr int head_logit_rows() {
+  return kVectors <= 2 ? 4 : kVectors <= 4 ? 2 : 1;
+}
+
+// grid: (ceil(tokens / (kRowWarps * head_logit_rows)), entries), one warp per head_logit_rows
+// consecutive rows (as row_epilogue_warp_kernel, more rows per warp). kVectors > 0: lane l
+// keeps the 16-byte words l, l + 32, ... of each row's u and g in registers (each row read
+// once from memory, coalesced); then per head its share of the dot products against the
+// fold's rows (fp32, small: from L1/L2), summed by warp shuffles. kVectors == 0: rows that are
+// not whole aligned vectors or too wide, element by element, one row per warp (u and g re-read
+// per head, from L1). The same summation order on every run.
+template <typename T, int kVectors>
+__global__ void __launch_bounds__(kRowWarps * 32) head_logits_kernel(const __grid_constant__ HeadLogitsParams<T> p) {
+  constexpr int V = vector_width<T>();
+  constexpr int kRows = kVectors > 0 ? head_logit_rows<kVectors>() : 1;
+  constexpr int kWords = kVectors > 0 ? kVectors : 1;
+  const int lane = threadIdx.x % 32;
+  const int32_t first = (blockIdx.x * kRowWarps + threadIdx.x / 32) * kRows;
+  const int64_t entry = static_cast<int64_t>(p.entry_begin) + blockIdx.y;
+  const int64_t fuser = p.fusers.fuser[blockIdx.y];
+  const float* fold = p.fold + fuser * p.heads * 2 * static_cast<int64_t>(p.width);
+  const int vectors = p.width / V;
+  bool skipped[kRows], live[kRows];
+  int64_t offset[kRows];
+  uint4 u[kRows][kWords], g[kRows][kWords];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int32_t token = first + r;
+    skipped[r] = false;
+    if (token < p.tokens && p.skip.data != nullptr) {
+      const int64_t slot = load_slot(p.skip, token);
+      skipped[r] = slot < 0 || slot >= p.skip_rows;
+    }
+    // A row past the last token (or a skipped one) joins the shuffles with zeros.
+    live[r] = token < p.tokens && !skipped[r];
+    offset[r] = (entry * p.tokens + token) * p.width;
+#pragma unroll
+    for (int k = 0; k < kVectors; ++k) {
+      u[r][k] = g[r][k] = make_uint4(0, 0, 0, 0);
+      if (!live[r] || lane + 32 * k >= vectors) continue;
+      const int column = (lane + 32 * k) * V;
+      C2C_CHECK_ALIGNED16(p.u + offset[r] + column);
+      C2C_CHECK_ALIGNED16(p.g + offset[r] + column);
+      u[r][k] = *reinterpret_cast<const uint4*>(p.u + offset[r] + column);
+      g[r][k] = *reinterpret_cast<const uint4*>(p.g + offset[r] + column);
+    }
+  }
+  for (int h = 0; h < p.heads; ++h) {
+    const float* w_head = fold + h * 2 * static_cast<int64_t>(p.width);
+    const float* v_row = w_head + p.width;
+    float sum[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) sum[r] = 0.f;
+    if (kVectors > 0) {
+#pragma unroll
+      for (int k = 0; k < kVectors; ++k) {
+        if (lane + 32 * k >= vectors) continue;
+        const int column = (lane + 32 * k) * V;
+        float a[V], b[V];
+        load_vector<V>(w_head + column, a);
+        load_vector<V>(v_row + column, b);
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          float x[V], y[V];
+          unpack_word<T>(u[r][k], x);  // zero for a row that is not live
+          unpack_word<T>(g[r][k], y);
+#pragma unroll
+          for (int j = 0; j < V; ++j) sum[r] += x[j] * a[j];
+#pragma unroll
+          for (int j = 0; j < V; ++j) sum[r] += y[j] * b[j];
+        }
+      }
+    } else if (live[0]) {
+      for (int i = lane; i < p.width; i += 32) {
+        sum[0] += to_float(p.u[offset[0] + i]) * w_head[i];
+        sum[0] += to_float(p.g[offset[0] + i]) * v_row[i];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const float logit = warp_sum(sum[r]);
+      if (first + r < p.tokens && lane == h % 32) store_head_scale(p, entry, first + r, fuser, h, logit, skipped[r]);
+    }
+  }
+}
+
 // ---- GELU -------------------------------------------------------------------------------
 
 __device__ __forceinline__ float gelu_erf(float x) { return x * 0.5f * (1.f + erff(x * 0.70710678118654752f)); }
@@ -263,6 +382,27 @@ void launch_row_epilogue(const RowEpilogueParams<T>& params, int entries, bool v
   C2C_LAUNCH(grid, threads, stream, row_epilogue_kernel<T>)(params);
 }
 
+template <typename T, int kVectors>
+void launch_head_logits_warps(const HeadLogitsParams<T>& params, int entries, cudaStream_t stream) {
+  constexpr int kBlockRows = kRowWarps * (kVectors > 0 ? head_logit_rows<kVectors>() : 1);
+  const dim3 grid((params.tokens + kBlockRows - 1) / kBlockRows, entries);
+  C2C_LAUNCH(grid, kRowWarps * 32, stream, head_logits_kernel<T, kVectors>)(params);
+}
+
+template <typename T>
+void launch_head_logits(const HeadLogitsParams<T>& params, int entries, bool vectorized, cudaStream_t stream) {
+  if (params.tokens == 0 || entries == 0 || params.heads == 0) return;
+  constexpr int V = vector_width<T>();
+  const int lane_vectors = (params.width / V + 31) / 32;
+  if (vectorized && params.width % V == 0 && lane_vectors <= kRowMaxVectors) {
+    if (lane_vectors <= 1) return launch_head_logits_warps<T, 1>(params, entries, stream);
+    if (lane_vectors <= 2) return launch_head_logits_warps<T, 2>(params, entries, stream);
+    if (lane_vectors <= 4) return launch_head_logits_warps<T, 4>(params, entries, stream);
+    return launch_head_logits_warps<T, kRowMaxVectors>(params, entries, stream);
+  }
+  launch_head_logits_warps<T, 0>(params, entries, stream);
+}
+
 template <typename T>
 void launch_bias_epilogue(const BiasEpilogueParams<T>& params, int entries, cudaStream_t stream) {
   const int64_t work = static_cast<int64_t>(params.tokens) * params.width;
@@ -285,7 +425,8 @@ void launch_gelu(T* data, int64_t count, cudaStream_t stream) {
   template void launch_gather<T>(const GatherParams<T>&, int, cudaStream_t);               \
   template void launch_row_epilogue<T>(const RowEpilogueParams<T>&, int, bool, cudaStream_t); \
   template void launch_bias_epilogue<T>(const BiasEpilogueParams<T>&, int, cudaStream_t);  \
-  template void launch_gelu<T>(T*, int64_t, cudaStream_t);
+  template void launch_gelu<T>(T*, int64_t, cudaStream_t);                                 \
+  template void launch_head_logits<T>(const HeadLogitsParams<T>&, int, bool, cudaStream_t);
 C2C_INSTANTIATE(float)
 C2C_INSTANTIATE(__half)
 C2C_INSTANTIATE(__nv_bfloat16)

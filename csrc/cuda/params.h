@@ -90,6 +90,34 @@ struct BiasEpilogueParams {
   FuserTable fusers;
 };
 
+// ---- head logits with the weight branch's W2h folded in (fuse.cu, "head fold") ----------------
+
+// For one row (entry, token) of the dense u and g buffers (`width` = H values each):
+//   a[h] = sum_i u[i] A[h, i] + sum_i g[i] A[h, H + i] + bias[h]   (fp32),
+//   out[h] = G * sigmoid(a[h]), G = (gate[fuser] > 0) read on the device,
+// A = [W_head, V] the fuser's fp32 [Ht, 2H] fold (V = W_head W2h). Replaces the W2h GEMM, the
+// W_head GEMM and the bias/gate/sigmoid pass of the unfolded weight branch.
+template <typename T>
+struct HeadLogitsParams {
+  const T* u;       // dense [entries, tokens, width]: the weight branch's residual input
+  const T* g;       // dense [entries, tokens, width]: gelu(W1h head_norm(u))
+  const float* fold;  // [P, heads, 2 * width] fp32, row-major
+  const T* bias;
+  int64_t bias_fuser_stride;
+  const float* gate;
+  int64_t gate_stride;
+  float* out;
+  int64_t out_entry_stride;
+  int64_t out_row_stride;
+  SlotList skip;       // as BiasEpilogueParams: project's rows of padding get 0
+  int64_t skip_rows;
+  int32_t entry_begin;
+  int32_t tokens;
+  int32_t width;
+  int32_t heads;
+  FuserTable fusers;
+};
+
 // ---- the gated merge: x[h] += sum_j scale_j[h] * (projection_j[h] + bias_j[h]) -------------
 
 constexpr int kMergeMaxEntries = 24;
@@ -123,6 +151,7 @@ static_assert(sizeof(GatherParams<float>) <= 4096, "gather parameters exceed 4 K
 static_assert(sizeof(RowEpilogueParams<float>) <= 4096, "row epilogue parameters exceed 4 KiB");
 static_assert(sizeof(BiasEpilogueParams<float>) <= 4096, "bias epilogue parameters exceed 4 KiB");
 static_assert(sizeof(MergeParams<float, float>) <= 4096, "merge parameters exceed 4 KiB");
+static_assert(sizeof(HeadLogitsParams<float>) <= 4096, "head logits parameters exceed 4 KiB");
 
 // ---- launchers (explicitly instantiated for float, __half and __nv_bfloat16) ---------------
 
@@ -146,6 +175,11 @@ void launch_bias_epilogue(const BiasEpilogueParams<T>& params, int entries, cuda
 // In place: x = gelu(x) (exact erf form) over `count` elements of a 16-byte-aligned buffer.
 template <typename T>
 void launch_gelu(T* data, int64_t count, cudaStream_t stream);
+
+// `vectorized`: u, g and the fold 16-byte aligned and width a multiple of vector_width<T>():
+// the u and g rows are read once into registers with 16-byte loads; else element by element.
+template <typename T>
+void launch_head_logits(const HeadLogitsParams<T>& params, int entries, bool vectorized, cudaStream_t stream);
 
 template <typename T, typename P>
 void launch_merge(const MergeParams<T, P>& params, int entries, cudaStream_t stream);
