@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "cuda/fuse_cuda.h"
+#include "cuda/runtime.h"
 #include "cuda/workspace.h"
 
 namespace c2c::cuda::emulator {
@@ -28,6 +29,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "weight stacks whose concatenated W_in is kept (live ones only)");
   m.def("head_fold_cache_entries", &c2c::cuda::head_fold_cache_entries,
         "weight stack pairs whose head fold [W_head, W_head W2h] is kept (live ones only)");
+  m.def("captured_derived_tensors", &c2c::cuda::captured_derived_tensors,
+        "derived weight tensors kept alive because a (stand-in) CUDA-graph capture used them");
+  m.def(
+      "set_emulated_capture", [](bool on) { c2c::cuda::emulated_capture() = on; },
+      "stand in for a CUDA-graph capture: the host code takes its capture paths");
   m.def("poisoning", &c2c::cuda::poison_workspaces, "whether C2C_POISON_WORKSPACES=1 was set (read once)");
   m.def("selftest", &c2c::cuda::emulator::selftest, "run one of the emulator's own test kernels");
 }

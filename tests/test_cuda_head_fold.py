@@ -161,3 +161,39 @@ def test_folded_workspace_has_no_w_buffer(monkeypatch):
     # H wider than the [S; X] rows: only the unfolded branch needs rows H wide
     assert plan(1, 1, 32, 32, 96, 24, 4, 4, 0)[2] == 4 * (64 + 3 * 96 + 96) + 16
     assert plan(1, 1, 32, 32, 96, 24, 4, 4, 0, head_fold=False)[2] == 4 * (96 + 3 * 96 + 96 + 4) + 16
+
+
+@requires_emulator
+def test_folds_a_capture_used_outlive_their_cache_entry():
+    """A CUDA graph replays the addresses it captured: a fold (or concatenated W_in) used while
+    capturing must stay allocated after its cache entry goes (weights updated in place, or
+    evicted by other weights), or a replay reads freed memory. Stand-in capture on the
+    emulator: first use inside a capture is not cached (no allocation while capturing), a cached
+    one is kept for the graph, once, and survives the entry's replacement."""
+    emu = backends.get("cuda_emulator")
+    case = _case("cpu", torch.bfloat16, 72, 8, seed=91)
+    args = (case.receiver_caches, case.sharer_caches, case.receiver_slots, case.sharer_slots,
+            list(case.weights), case.fusers)
+    kept = emu.captured_derived_tensors()
+    emu.set_emulated_capture(True)
+    try:
+        torch.ops.c2c.project(*args, "cuda_emulator", False)  # weights first seen while capturing
+        assert emu.captured_derived_tensors() == kept  # nothing cached, nothing kept
+    finally:
+        emu.set_emulated_capture(False)
+    torch.ops.c2c.project(*args, "cuda_emulator", False)  # the eager warm-up caches them
+    emu.set_emulated_capture(True)
+    try:
+        for _ in range(2):  # captured twice: kept once
+            torch.ops.c2c.project(*args, "cuda_emulator", False)
+    finally:
+        emu.set_emulated_capture(False)
+    grown = emu.captured_derived_tensors()
+    assert grown >= kept + 1, (kept, grown)  # the head fold (and the concatenated W_in where kept)
+    with torch.no_grad():
+        case.weights.head_w2.mul_(0.5)  # the entry goes stale and is replaced at the next call
+    want_p, want_a = reference.project(case.receiver_caches, case.sharer_caches, case.receiver_slots,
+                                       case.sharer_slots, case.weights, case.fusers)
+    got_p, got_a = torch.ops.c2c.project(*args, "cuda_emulator", False)
+    torch.testing.assert_close(got_a, want_a, atol=2e-2, rtol=2e-2)
+    assert emu.captured_derived_tensors() == grown  # the captured tensor is still held

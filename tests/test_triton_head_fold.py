@@ -128,3 +128,27 @@ def test_odd_shapes_through_the_whole_fuse(dtype, receiver_heads, receiver_dim, 
     expected = reference_fused(case)
     torch.ops.c2c.fuse(*case.args(), "triton", False)
     assert_storage_close(case, expected, dtype)
+
+
+def test_folds_a_capture_used_outlive_their_cache_entry(monkeypatch):
+    """A CUDA graph replays the addresses it captured: a cached fold used while capturing must
+    stay allocated after its entry goes (weights updated in place, or evicted by other
+    checkpoints), else a replay reads freed memory. Stand-in capture on the CPU: kept once,
+    and still held after the entry was replaced and the cache filled with other checkpoints."""
+    from c2c_kernels.backends.triton import folded
+
+    case = make_case(dtype=torch.float32, seed=93, hidden=40, intermediate=24, seq_lens=(5,))
+    warm = folded.folded(case.weights)  # the eager warm-up caches it
+    kept = len(folded._captured)
+    monkeypatch.setattr(folded, "_capturing", lambda t: True)
+    assert folded.folded(case.weights) is warm
+    assert folded.folded(case.weights) is warm  # captured twice: kept once
+    monkeypatch.setattr(folded, "_capturing", lambda t: False)
+    assert len(folded._captured) == kept + 1 and folded._captured[-1] is warm
+    with torch.no_grad():
+        case.weights.head_w2.mul_(0.5)
+    assert folded.folded(case.weights) is not warm  # the stale entry is not served
+    for seed in range(folded.MAX_FOLDS + 1):  # other checkpoints evict every older entry
+        folded.folded(make_case(dtype=torch.float32, seed=100 + seed, hidden=40, intermediate=24).weights)
+    assert all(entry[1] is not warm for entry in folded._folds.values())
+    assert folded._captured[-1] is warm  # still allocated for the graph

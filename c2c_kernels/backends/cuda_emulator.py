@@ -100,6 +100,17 @@ def head_fold_cache_entries() -> int:
     return _build().head_fold_cache_entries()
 
 
+def captured_derived_tensors() -> int:
+    """Derived weight tensors (concatenated W_in, head folds) the host code keeps alive because a
+    CUDA-graph capture used them: a graph replays their addresses after their cache entry went."""
+    return _build().captured_derived_tensors()
+
+
+def set_emulated_capture(on: bool) -> None:
+    """Tests: stand in for a CUDA-graph capture, so the host code takes its capture paths."""
+    _build().set_emulated_capture(bool(on))
+
+
 def merge(receiver_caches, receiver_slots, projections, head_scales):
     receiver_slots, _ = prepared(prepare, receiver_caches, None, receiver_slots, None, dedupe=True)
     _build().merge(list(receiver_caches), receiver_slots, list(projections), list(head_scales))

@@ -159,6 +159,11 @@ constexpr size_t kDerivedCacheEntries = 4;
 struct DerivedCache {
   std::mutex mutex;
   std::vector<DerivedEntry> entries;
+  // Tensors a CUDA graph captured: the graph replays their addresses, so they stay allocated
+  // for the process even after their entry goes (weights updated in place, freed, or the entry
+  // evicted by other weights). A graph captured before an in-place update replays the old
+  // fold: capture again after updating weights (docs/cuda.md).
+  std::vector<at::Tensor> captured;
 
   static DerivedCache& concatenated_input() {
     static DerivedCache* cache = new DerivedCache();
@@ -191,10 +196,15 @@ struct DerivedCache {
     if (!HalfKey::trackable(a) || !HalfKey::trackable(b)) return {};
     const std::lock_guard<std::mutex> lock(mutex);
     prune();
+    const bool capturing = stream_capturing(stream);
     for (const DerivedEntry& e : entries) {
-      if (e.first.matches(a) && e.second.matches(b)) return e.value;
+      if (!e.first.matches(a) || !e.second.matches(b)) continue;
+      const bool kept = std::any_of(captured.begin(), captured.end(),
+                                    [&](const at::Tensor& t) { return t.is_same(e.value); });
+      if (capturing && !kept) captured.push_back(e.value);
+      return e.value;
     }
-    if (stream_capturing(stream)) return {};
+    if (capturing) return {};
     // An outdated tensor of the same stacks goes (an update in place made it stale).
     const auto same_stacks = [&](const DerivedEntry& e) {
       return e.first.storage.lock().get() == a.storage().unsafeGetStorageImpl() ||
@@ -595,6 +605,15 @@ void run(const Call& c, const Sink& sink) {
 int64_t input_weight_cache_entries() { return DerivedCache::concatenated_input().size(); }
 
 int64_t head_fold_cache_entries() { return DerivedCache::head_fold().size(); }
+
+int64_t captured_derived_tensors() {
+  int64_t n = 0;
+  for (DerivedCache* c : {&DerivedCache::concatenated_input(), &DerivedCache::head_fold()}) {
+    const std::lock_guard<std::mutex> lock(c->mutex);
+    n += static_cast<int64_t>(c->captured.size());
+  }
+  return n;
+}
 
 std::tuple<int64_t, int64_t, int64_t> chunk_plan(int64_t entries, int64_t tokens, int64_t sharer_width,
                                                  int64_t receiver_width, int64_t hidden, int64_t inner, int64_t heads,

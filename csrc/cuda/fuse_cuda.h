@@ -33,6 +33,8 @@ int64_t input_weight_cache_entries();
 
 // Pairs of weight stacks (W_head, W2h) whose head fold [W_head, V = W_head W2h] is kept (fuse.cu).
 int64_t head_fold_cache_entries();
+// Derived weight tensors (concatenated W_in, head folds) kept alive for captured CUDA graphs.
+int64_t captured_derived_tensors();
 
 void merge(const std::vector<at::Tensor>& receiver_caches, const at::Tensor& receiver_slots,
            const std::vector<at::Tensor>& projections, const std::vector<at::Tensor>& head_scales);

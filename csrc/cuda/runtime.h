@@ -11,7 +11,13 @@
 namespace c2c::cuda {
 constexpr at::DeviceType kKernelDevice = at::kCPU;
 inline cudaStream_t current_stream() { return nullptr; }
-inline bool stream_capturing(cudaStream_t) { return false; }
+// Tests stand in for a CUDA-graph capture (set_emulated_capture in python/cuda_emulator.cpp),
+// so the host code's capture paths run on the CPU too.
+inline bool& emulated_capture() {
+  static bool on = false;
+  return on;
+}
+inline bool stream_capturing(cudaStream_t) { return emulated_capture(); }
 inline int64_t device_memory_bytes() { return 0; }  // unknown: the host code's default applies
 struct DeviceGuard {
   explicit DeviceGuard(const at::Device&) {}

@@ -19,7 +19,11 @@ and a hit also needs the very tensors (weak references: a freed checkpoint's add
 another one is a miss), so weights modified in place or replaced get new folds. At most
 MAX_FOLDS sets are kept (each costs one more copy of W_1 and of the head branch's W_1, and
 ``V``). The eager warm-up call before a CUDA-graph capture fills the cache; weights first seen
-inside a capture are folded by the graph itself at every replay, and not cached.
+inside a capture are folded by the graph itself at every replay, and not cached. A cached fold
+used while capturing is also kept in ``_captured`` for the process: the graph replays its
+addresses, so it must stay allocated after its cache entry goes (weights updated in place,
+freed, or evicted by other checkpoints). Such a graph replays the fold it captured: capture
+again after updating weights in place.
 """
 from __future__ import annotations
 
@@ -31,6 +35,11 @@ import torch
 
 MAX_FOLDS = 4
 _folds: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (weak refs to the sources, Folded)
+_captured: list = []  # Folded sets a CUDA-graph capture used: never freed (see above)
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class Folded(NamedTuple):
@@ -70,12 +79,15 @@ def folded(weights) -> Folded:
                weights.head_w2)
     key = tuple(_key(t) for t in sources)
     hit = _folds.get(key)
+    capturing = _capturing(weights.ffn_w1)
     if hit is not None and all(ref() is _owner(t) for ref, t in zip(hit[0], sources)):
         _folds.move_to_end(key)
+        if capturing and not any(f is hit[1] for f in _captured):
+            _captured.append(hit[1])
         return hit[1]
     fold = Folded(_fold(weights.ffn_w1, weights.ffn_norm), _fold(weights.head_w1, weights.head_norm),
                   _head_fold(weights.w_head, weights.head_w2))
-    if weights.ffn_w1.is_cuda and torch.cuda.is_current_stream_capturing():
+    if capturing:
         return fold  # computed by the graph at each replay, never in memory before: not cached
     _folds[key] = (tuple(weakref.ref(_owner(t)) for t in sources), fold)
     _folds.move_to_end(key)
