@@ -358,17 +358,7 @@ class Pipeline {
     scale.in = ptr<T>(x.logits);
     scale.bias = ptr<T>(c_.w[kBHead]);
     scale.bias_fuser_stride = c_.w[kBHead].stride(0);
-    scale.gate = ptr<float>(c_.w[kGateLogit]);
-    scale.gate_stride = c_.w[kGateLogit].stride(0);
-    if (sink.merge) {
-      scale.out = mutable_ptr<float>(ws.head_scale);
-      scale.out_entry_stride = n_ * c_.heads;
-    } else {
-      scale.out = mutable_ptr<float>(sink.head_scale) + first * c_.heads;
-      scale.out_entry_stride = c_.tokens * c_.heads;
-      skip_padding(scale, first);
-    }
-    scale.out_row_stride = c_.heads;
+    set_head_scale(scale, first, ws, sink);
     bias_epilogue(scale, c_.heads);
   }
 
@@ -383,18 +373,7 @@ class Pipeline {
     p.fold = ptr<float>(fold_);
     p.bias = ptr<T>(c_.w[kBHead]);
     p.bias_fuser_stride = c_.w[kBHead].stride(0);
-    p.gate = ptr<float>(c_.w[kGateLogit]);
-    p.gate_stride = c_.w[kGateLogit].stride(0);
-    if (sink.merge) {
-      p.out = mutable_ptr<float>(ws.head_scale);
-      p.out_entry_stride = n_ * c_.heads;
-    } else {
-      p.out = mutable_ptr<float>(sink.head_scale) + first * c_.heads;
-      p.out_entry_stride = c_.tokens * c_.heads;
-      p.skip = slot_list(c_.receiver_slots, first);
-      p.skip_rows = pool_rows(c_.receivers[0]);
-    }
-    p.out_row_stride = c_.heads;
+    set_head_scale(p, first, ws, sink);
     p.tokens = static_cast<int32_t>(n_);
     p.width = static_cast<int32_t>(c_.hidden);
     p.heads = static_cast<int32_t>(c_.heads);
@@ -441,7 +420,8 @@ class Pipeline {
     out.out = mutable_ptr<float>(sink.projection) + first * kt;
     out.out_entry_stride = c_.tokens * kt;
     out.out_row_stride = kt;
-    skip_padding(out, first);
+    out.skip = slot_list(c_.receiver_slots, first);  // project's padding rows get 0
+    out.skip_rows = pool_rows(c_.receivers[0]);
     bias_epilogue(out, kt);
   }
 
@@ -473,9 +453,22 @@ class Pipeline {
   }
 
   // project's rows of padding (and of slots outside the pool) are zero, as the reference's.
-  void skip_padding(BiasEpilogueParams<T>& p, int64_t first) {
-    p.skip = slot_list(c_.receiver_slots, first);
-    p.skip_rows = pool_rows(c_.receivers[0]);
+  // Where G sigmoid(a) goes (BiasEpilogueParams or HeadLogitsParams): the workspace's
+  // head_scale for the merge, or project's output, whose padding rows get 0.
+  template <typename P>
+  void set_head_scale(P& p, int64_t first, const Workspace& ws, const Sink& sink) {
+    p.gate = ptr<float>(c_.w[kGateLogit]);
+    p.gate_stride = c_.w[kGateLogit].stride(0);
+    if (sink.merge) {
+      p.out = mutable_ptr<float>(ws.head_scale);
+      p.out_entry_stride = n_ * c_.heads;
+    } else {
+      p.out = mutable_ptr<float>(sink.head_scale) + first * c_.heads;
+      p.out_entry_stride = c_.tokens * c_.heads;
+      p.skip = slot_list(c_.receiver_slots, first);
+      p.skip_rows = pool_rows(c_.receivers[0]);
+    }
+    p.out_row_stride = c_.heads;
   }
 
   // norm_out[k] = RMSNorm(z) * scale, scale = weights[fuser] (block < 0) or weights[fuser, block].
