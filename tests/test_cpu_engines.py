@@ -230,3 +230,19 @@ def test_chooser_times_the_packed_engine(auto_engine):
     cpu().choose_engine(torch.bfloat16, 40, 96)
     log = cpu().engine_choices()
     assert len(log) == 1 and " packed " in log[0] and "packed not timed" not in log[0], log
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_prior_is_packed_wherever_it_runs_and_the_chooser_times_gelu(auto_engine, dtype):
+    """The CPU flags' prior for 16-bit caches: packed where oneDNN runs the dtype here (same
+    kernels as native16, weights pre-packed, GELU fused), native16 where only the flags say the
+    CPU has 16-bit units, fp32 otherwise; the chooser times a plain and a GELU GEMM per engine."""
+    prior = cpu().config(dtype).split("CPU-flag prior ")[1].split(")")[0]
+    assert prior in ("packed", "native16", "fp32"), prior
+    if prior == "packed":
+        assert _packed_available(dtype)
+    if _packed_available(dtype):
+        assert prior != "native16", "packed runs here, so it is the prior where the flags give a 16-bit one"
+    cpu().choose_engine(dtype, 40, 96)
+    (line,) = cpu().engine_choices()
+    assert "(GEMM + GELU GEMM 40x96x96," in line and f"prior {prior})" in line, line
