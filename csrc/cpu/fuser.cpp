@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <utility>
 
 #include "cpu/head_fold.h"
@@ -206,11 +207,12 @@ class FuserRun {
   // Input Linear; row pass: u = . + b_in, na = norm_0(u).
   void input_gemm() {
     const VecOps& v = vec();
-    const Mat in_out = acc ? U : O;
     {
       const prof::Scope scope(prof::GemmInput);
-      gemm(engine_, M, H, Ks, gs, mat(kWInSharer, Ks), in_out, false);
-      gemm(engine_, M, H, Kt, gx, mat(kWInReceiver, Kt), in_out, true);
+      if (acc || !packed_into(O, H, Ks, gs, mat(kWInSharer, Ks), false)) {
+        gemm(engine_, M, H, Ks, gs, mat(kWInSharer, Ks), acc ? U : O, false);
+      }
+      gemm(engine_, M, H, Kt, gx, mat(kWInReceiver, Kt), acc ? U : O, true);
     }
     const prof::Scope scope(prof::Norms);
     for_rows(M, [&](int64_t m) {
@@ -310,7 +312,7 @@ class FuserRun {
     const VecOps& v = vec();
     {
       const prof::Scope scope(prof::GemmOutput);
-      gemm(engine_, M, Kt, H, f32 ? U : nb, mat(kWOut, H), Y, false);
+      if (acc || !packed_into(Y, Kt, H, nb, mat(kWOut, H), false)) gemm(engine_, M, Kt, H, f32 ? U : nb, mat(kWOut, H), Y, false);
     }
     const prof::Scope scope(prof::Merge);
     for_rows(M, [&](int64_t m) {
@@ -343,10 +345,10 @@ class FuserRun {
 
   // C = gelu(A W^T) into `hid` (16-bit for Native16 and Brgemm, fp32 for F32); Brgemm computes
   // fp32 into `hid32` and its epilogue rounds the GELU'd block into hid.
-  void up_gemm(const Mat& a, const Mat& w, int64_t n, const Mat& hid, const Mat& hid32) {
+  void up_gemm(const Mat& a, const Mat& w, int64_t n, Mat& hid, const Mat& hid32) {
     if (engine_ == Engine::Packed) {
       // GELU as oneDNN's post-op, on the fp32 accumulators (one rounding to 16 bits, not two).
-      gemm_packed_gelu(M, n, H, a, w, hid);
+      packed_into(hid, n, H, a, w, true);
     } else if (acc && !f32) {
       gemm(engine_, M, n, H, a, w, hid32, false, [&](int64_t n0, int64_t n1) { gelu_cols(hid32, n0, n1, &hid); });
     } else {
@@ -383,7 +385,29 @@ class FuserRun {
       up_gemm(n, mat(kFfnW1, H, b), I, hid_ffn, hid_ffn32);
     }
     const prof::Scope scope(prof::GemmDown);
-    gemm(engine_, M, H, I, hid_ffn, mat(kFfnW2, I, b), acc ? U : O, acc);
+    if (acc || !packed_into(O, H, I, hid_ffn, mat(kFfnW2, I, b), false)) {
+      gemm(engine_, M, H, I, hid_ffn, mat(kFfnW2, I, b), acc ? U : O, acc);
+    }
+  }
+
+  // Engine::Packed: `c` (a 16-bit activation buffer) becomes oneDNN's own output tensor,
+  // kept until the buffer's next GEMM or the end of this fuser: one [M, N] copy per GEMM
+  // fewer. False when the engine is another one (the caller runs the GEMM).
+  bool packed_into(Mat& c, int64_t n, int64_t k, const Mat& a, const Mat& w, bool gelu) {
+    if (engine_ != Engine::Packed) return false;
+    at::Tensor out = gemm_packed_out(M, n, k, a, w, gelu);
+    if (out.defined()) {
+      c = Mat{out.data_ptr(), c.dt, n};
+      outputs_[&c] = std::move(out);  // the buffer's previous output is done with
+      return true;
+    }
+    // W not packed yet (its first call): native16 into c as it stands, GELU as a pass.
+    if (gelu) {
+      gemm(Engine::Native16, M, n, k, a, w, c, false, [&](int64_t n0, int64_t n1) { gelu_cols(c, n0, n1); });
+    } else {
+      gemm(Engine::Native16, M, n, k, a, w, c, false);
+    }
+    return true;
   }
 
   // u (+= O for Native16); returns the sum of squares of the new u row.
@@ -407,6 +431,7 @@ class FuserRun {
   const at::Tensor fold;  // V = W_head Wh2, fp32 [Ht, H]; undefined: run the Wh2 GEMM
   const float gate;
   Mat gs{}, gx{}, U{}, na{}, nb{}, hid_ffn{}, hid_head{}, hid_ffn32{}, hid_head32{}, O{}, Y{};
+  std::map<const Mat*, at::Tensor> outputs_;  // Engine::Packed's GEMM output per buffer (packed_into)
   float* u = nullptr;      // the fp32 residual stream [M, H]
   float* scale = nullptr;  // G * sigmoid(a) [M, Ht]
 };

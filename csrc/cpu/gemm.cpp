@@ -284,8 +284,9 @@ at::Tensor packed_weight(int64_t m, int64_t n, int64_t k, Mat w) {
   return packed;
 }
 
-// C (+)= A W^T (gelu'd when `gelu`) with W packed; A and C dense.
-void packed_run(int64_t m, int64_t n, int64_t k, Mat a, const at::Tensor& pw, Mat c, bool accumulate, bool gelu) {
+// A W^T (gelu'd when `gelu`) with W packed, A dense, in a new [m, n] tensor (oneDNN's inner
+// product allocates its output).
+at::Tensor packed_product(int64_t m, int64_t k, Mat a, const at::Tensor& pw, bool gelu) {
   torch::jit::Stack st{c10::IValue(as_tensor(a, m, k)),
                        c10::IValue(pw),
                        c10::IValue(),
@@ -293,7 +294,12 @@ void packed_run(int64_t m, int64_t n, int64_t k, Mat a, const at::Tensor& pw, Ma
                        c10::IValue(c10::List<std::optional<c10::Scalar>>()),
                        c10::IValue(gelu ? "none" : "")};
   packed_ops().linear->callBoxed(st);
-  const at::Tensor out = st.at(0).toTensor();
+  return st.at(0).toTensor();
+}
+
+// C (+)= A W^T (gelu'd when `gelu`) with W packed; A and C dense.
+void packed_run(int64_t m, int64_t n, int64_t k, Mat a, const at::Tensor& pw, Mat c, bool accumulate, bool gelu) {
+  const at::Tensor out = packed_product(m, k, a, pw, gelu);
   at::Tensor ct = as_tensor(c, m, n);
   if (accumulate) {
     ct.add_(out);
@@ -581,6 +587,16 @@ void gemm(Engine engine, int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c, b
     mm_block(m, n1 - n0, k, a, Mat{buf.data(), Dt::F32, k}, offset(c, 0, n0), accumulate);
     if (epilogue) epilogue(n0, n1);
   });
+}
+
+at::Tensor gemm_packed_out(int64_t m, int64_t n, int64_t k, Mat a, Mat w, bool gelu) {
+  if (m == 0 || n == 0) return {};
+  TORCH_CHECK(a.ld == k && a.dt == w.dt && a.dt != Dt::F32, "c2c cpu: the packed engine takes dense 16-bit A");
+  const at::Tensor pw = packed_weight(m, n, k, w);
+  if (!pw.defined()) return {};  // not packed yet
+  at::Tensor out = packed_product(m, k, a, pw, gelu);
+  TORCH_CHECK(out.is_contiguous() && out.size(0) == m && out.size(1) == n, "c2c cpu: unexpected oneDNN output");
+  return out;
 }
 
 void gemm_packed_gelu(int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c) {

@@ -92,6 +92,11 @@ void gemm(Engine engine, int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c, b
 // rounded once to C's 16-bit dtype). A and C dense, as for gemm().
 void gemm_packed_gelu(int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c);
 
+// Engine::Packed without the copy into a workspace: A W^T (gelu'd when `gelu`) in the dense
+// [m, n] tensor oneDNN allocates, or an undefined tensor when W is not packed yet (its first
+// call, see C2C_CPU_PACK_AFTER: the caller then runs gemm / gemm_packed_gelu). A dense.
+at::Tensor gemm_packed_out(int64_t m, int64_t n, int64_t k, Mat a, Mat w, bool gelu);
+
 // Whether Engine::Packed can run `dtype` here: torch built with mkldnn (at::hasMKLDNN()), the
 // mkldnn::_reorder_linear_weight / mkldnn::_linear_pointwise ops registered, and oneDNN taking
 // the dtype on this CPU (probed once). C2C_CPU_GEMM=packed runs native16 where it cannot.
