@@ -45,26 +45,23 @@ def engine_choices(clear: bool = False) -> list[str]:
     return [line for line in torch.ops.c2c_native.cpu_engine_choices(clear).splitlines() if line]
 
 
+def _fields(text: str, cast) -> dict:
+    """``"a=1 b=2"`` (how the native counters report) as ``{"a": cast("1"), "b": cast("2")}``."""
+    return {key: cast(value) for key, value in (item.split("=") for item in text.split())}
+
+
 def packed_cache(clear: bool = False) -> dict[str, int]:
     """The ``packed`` engine's cache of oneDNN-packed weights: ``entries`` and ``bytes`` held
     (one packed copy of each 16-bit weight matrix it ran, per token class; bounded by
     ``C2C_CPU_PACK_MB``, default 4096). ``clear`` empties it."""
-    out = {}
-    for item in torch.ops.c2c_native.cpu_packed_cache(clear).split():
-        key, value = item.split("=")
-        out[key] = int(value)
-    return out
+    return _fields(torch.ops.c2c_native.cpu_packed_cache(clear), int)
 
 
 def head_fold_cache(clear: bool = False) -> dict[str, int]:
     """The cached folds ``V = W_head W2h`` of the weight branch (docs/cpu.md, "Head fold"):
     ``entries`` (pairs of weight stacks), ``bytes`` held and ``fusers`` folded so far.
     ``clear`` empties it. ``C2C_CPU_HEAD_FOLD=0`` runs the W2h GEMM instead (read per call)."""
-    out = {}
-    for item in torch.ops.c2c_native.cpu_head_fold_cache(clear).split():
-        key, value = item.split("=")
-        out[key] = int(value)
-    return out
+    return _fields(torch.ops.c2c_native.cpu_head_fold_cache(clear), int)
 
 
 def stage_times(enable: bool = True) -> dict[str, float]:
@@ -74,11 +71,7 @@ def stage_times(enable: bool = True) -> dict[str, float]:
     gather, params, gemm_input, gemm_up (GELU epilogue included), gemm_down, gemm_output,
     norms, head_logits, merge; gelu_thread_s and widen_thread_s are thread-seconds spent inside
     the GEMM stages, zero_c the 16-bit GEMM outputs zeroed inside them."""
-    out = {}
-    for item in torch.ops.c2c_native.cpu_stage_times(enable).split():
-        key, value = item.split("=")
-        out[key] = float(value)
-    return out
+    return _fields(torch.ops.c2c_native.cpu_stage_times(enable), float)
 
 
 def fuse(receiver_caches, sharer_caches, receiver_slots, sharer_slots, weights, fusers):

@@ -360,20 +360,12 @@ class FuserRun {
   // result goes there (16-bit) instead.
   void gelu_cols(const Mat& hid, int64_t n0, int64_t n1, const Mat* out = nullptr) const {
     const prof::Scope scope(prof::Gelu);
+    if (out == nullptr) return gelu_columns(hid, M, n0, n1);
     const VecOps& v = vec();
     for (int64_t m = 0; m < M; ++m) {
       void* p = offset(hid, m, n0).p;
-      if (out != nullptr) {
-        v.gelu(static_cast<float*>(p), n1 - n0);
-        v.store(static_cast<float*>(p), offset(*out, m, n0).p, out->dt, n1 - n0);
-      } else if (hid.dt == Dt::F32) {
-        v.gelu(static_cast<float*>(p), n1 - n0);
-      } else {
-        float* s = scratch(0, n1 - n0);
-        v.load(p, ad, s, n1 - n0);
-        v.gelu(s, n1 - n0);
-        v.store(s, p, ad, n1 - n0);
-      }
+      v.gelu(static_cast<float*>(p), n1 - n0);
+      v.store(static_cast<float*>(p), offset(*out, m, n0).p, out->dt, n1 - n0);
     }
   }
 

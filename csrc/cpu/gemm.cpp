@@ -329,22 +329,6 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// GELU over columns [n0, n1) of C as the fuser's FFN-up epilogue does it (16-bit C widened,
-// GELU'd and rounded back).
-void gelu_columns(Mat c, int64_t m, int64_t n0, int64_t n1) {
-  const VecOps& v = vec();
-  for (int64_t r = 0; r < m; ++r) {
-    void* p = offset(c, r, n0).p;
-    if (c.dt == Dt::F32) {
-      v.gelu(static_cast<float*>(p), n1 - n0);
-    } else {
-      float* s = scratch(0, n1 - n0);
-      v.load(p, c.dt, s, n1 - n0);
-      v.gelu(s, n1 - n0);
-      v.store(s, p, c.dt, n1 - n0);
-    }
-  }
-}
 
 // Times, on every candidate engine, what a fuser's FFN block asks of it: one tokens x hidden x
 // hidden GEMM plus one with the FFN-up's exact GELU (as its own epilogue or, for the packed
@@ -444,6 +428,23 @@ Engine measure(c10::ScalarType dtype, int64_t tokens, int64_t hidden, std::strin
 }
 
 }  // namespace
+
+// GELU over columns [n0, n1) of C as the fuser's FFN-up epilogue does it (16-bit C widened,
+// GELU'd and rounded back).
+void gelu_columns(Mat c, int64_t m, int64_t n0, int64_t n1) {
+  const VecOps& v = vec();
+  for (int64_t r = 0; r < m; ++r) {
+    void* p = offset(c, r, n0).p;
+    if (c.dt == Dt::F32) {
+      v.gelu(static_cast<float*>(p), n1 - n0);
+    } else {
+      float* s = scratch(0, n1 - n0);
+      v.load(p, c.dt, s, n1 - n0);
+      v.gelu(s, n1 - n0);
+      v.store(s, p, c.dt, n1 - n0);
+    }
+  }
+}
 
 const char* engine_name(Engine engine) {
   switch (engine) {
@@ -599,17 +600,6 @@ at::Tensor gemm_packed_out(int64_t m, int64_t n, int64_t k, Mat a, Mat w, bool g
   return out;
 }
 
-void gemm_packed_gelu(int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c) {
-  if (m == 0 || n == 0) return;
-  TORCH_CHECK(a.ld == k && c.ld == n && a.dt == w.dt && c.dt == w.dt && a.dt != Dt::F32,
-              "c2c cpu: the packed engine takes dense 16-bit A and C");
-  const at::Tensor pw = packed_weight(m, n, k, w);
-  if (!pw.defined()) {  // not packed yet: native16 and the GELU pass
-    gemm(Engine::Native16, m, n, k, a, w, c, false, [&](int64_t n0, int64_t n1) { gelu_columns(c, m, n0, n1); });
-    return;
-  }
-  packed_run(m, n, k, a, pw, c, false, true);
-}
 
 bool packed_available(c10::ScalarType dtype) {
   if (!packed_ops().ok || (dtype != at::kBFloat16 && dtype != at::kHalf)) return false;

@@ -88,13 +88,13 @@ inline Dt c_dtype(Engine e, Dt cdt) { return e == Engine::Native16 || e == Engin
 void gemm(Engine engine, int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c, bool accumulate,
           c10::function_ref<void(int64_t, int64_t)> epilogue = nullptr);
 
-// Engine::Packed: C = gelu(A W^T) (exact erf GELU, oneDNN post-op on the fp32 accumulators,
-// rounded once to C's 16-bit dtype). A and C dense, as for gemm().
-void gemm_packed_gelu(int64_t m, int64_t n, int64_t k, Mat a, Mat w, Mat c);
+// Exact (erf) GELU in place over columns [n0, n1) of rows [0, m) of C (16-bit C widened,
+// GELU'd and rounded back): the FFN-up epilogue of the engines without a fused GELU.
+void gelu_columns(Mat c, int64_t m, int64_t n0, int64_t n1);
 
 // Engine::Packed without the copy into a workspace: A W^T (gelu'd when `gelu`) in the dense
 // [m, n] tensor oneDNN allocates, or an undefined tensor when W is not packed yet (its first
-// call, see C2C_CPU_PACK_AFTER: the caller then runs gemm / gemm_packed_gelu). A dense.
+// call, see C2C_CPU_PACK_AFTER: the caller then runs gemm). A dense.
 at::Tensor gemm_packed_out(int64_t m, int64_t n, int64_t k, Mat a, Mat w, bool gelu);
 
 // Whether Engine::Packed can run `dtype` here: torch built with mkldnn (at::hasMKLDNN()), the

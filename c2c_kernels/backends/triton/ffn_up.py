@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._common import (ENTRY_FUSER, ENTRY_WIDTH, RMS_EPS, gelu_erf, heads_pad, mma, sum_sq_chunks, tile_coords,
-                      token_rows)
+from ._common import (ENTRY_FUSER, ENTRY_WIDTH, RMS_EPS, dense_gemm, gelu_erf, heads_pad, mma, sum_sq_chunks,
+                      tile_coords, token_rows)
 
 
 @triton.jit(do_not_specialize=["tokens", "entries", "m_bucket"])  # one binary for every token count
@@ -51,13 +51,7 @@ def ffn_up_kernel(
         z_rows = z_ptr + row[:, None] * k_in
         w = w_ptr + fuser * stride_w_f + cols[None, :] * stride_w_n
 
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, k_in, BK):
-            k = k0 + tl.arange(0, BK)
-            k_mask = k < k_in
-            a = tl.load(z_rows + k[None, :], mask=tok_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(w + k[:, None] * stride_w_k, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-            acc = mma(a, b, acc, DOT_DTYPE)
+        acc = dense_gemm(z_rows, w, stride_w_k, k_in, tok_mask, col_mask, BM, BN, BK, DOT_DTYPE)
 
         chunk = tl.arange(0, CHUNKS_PAD)
         parts = tl.load(sumsq_ptr + row[:, None] * sumsq_chunks + chunk[None, :],
